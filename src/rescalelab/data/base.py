@@ -1,0 +1,125 @@
+"""The DataModule contract every dataset option follows.
+
+A dataset tells the model builder its ``input_shape`` and ``num_classes`` (so model configs
+never repeat them), validates its own keys, and serves :class:`TensorBatches` (or, for image
+folders, a DataLoader). ``setup`` does all file reading, so a missing or broken dataset fails
+before any MLflow run exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from rescalelab.data.tensor_batches import BatchTransform, TensorBatches
+from rescalelab.errors import ConfigError
+
+
+def check_positive(key: str, value: float) -> None:
+    """Raise a one-line :class:`ConfigError` unless ``value > 0``."""
+    if not value > 0:
+        raise ConfigError(f"{key}={value} is invalid: expected a number > 0")
+
+
+def check_fraction(key: str, value: float) -> None:
+    """Raise a one-line :class:`ConfigError` unless ``0 < value <= 1``."""
+    if not 0 < value <= 1:
+        raise ConfigError(f"{key}={value} is invalid: expected a fraction in (0, 1]")
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """A dataset held as tensors ``(x_train, y_train, x_val, y_val)`` in memory.
+
+    Subclasses implement :meth:`load` and return float (or uint8) tensors in NCHW layout.
+    The tensors move to the training device once, in ``setup``'s first call from the trainer.
+    """
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def __init__(self, batch_size: int = 128, seed: int = 0, val_batch_size: int | None = None):
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ConfigError(f"data.batch_size={batch_size} is invalid: expected an integer > 0")
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or max(batch_size, 512)
+        self.seed = seed
+        self.tensors: dict[str, torch.Tensor] | None = None
+        self._train: TensorBatches | None = None
+
+    # -- to implement -------------------------------------------------------------------
+    def load(self) -> dict[str, torch.Tensor]:
+        """Return ``{"x_train", "y_train", "x_val", "y_val"}`` on the CPU."""
+        raise NotImplementedError
+
+    def train_transform(self) -> BatchTransform | None:
+        """Whole-batch transform for training batches (augmentation, normalization)."""
+        return None
+
+    def eval_transform(self) -> BatchTransform | None:
+        """Whole-batch transform for validation batches (normalization only)."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the data worth logging as MLflow params (sizes, hashes)."""
+        assert self.tensors is not None
+        return {"num_train": len(self.tensors["x_train"]), "num_val": len(self.tensors["x_val"])}
+
+    # -- Lightning hooks ------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.tensors is None:
+            self.tensors = self.load()
+        if self.trainer is not None:
+            device = self.trainer.strategy.root_device
+            self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+
+    def _rank(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def train_dataloader(self) -> TensorBatches:
+        assert self.tensors is not None
+        if self._train is None:
+            rank, world = self._rank()
+            if self.batch_size % world:
+                raise ConfigError(
+                    f"data.batch_size={self.batch_size} is invalid: the global batch must "
+                    f"divide across {world} ranks"
+                )
+            self._train = TensorBatches(
+                self.tensors["x_train"],
+                self.tensors["y_train"],
+                self.batch_size // world,
+                shuffle=True,
+                seed=self.seed,
+                drop_last=True,
+                transform=self.train_transform(),
+                rank=rank,
+                world_size=world,
+            )
+        return self._train
+
+    def val_dataloader(self) -> TensorBatches:
+        assert self.tensors is not None
+        rank, world = self._rank()
+        return TensorBatches(
+            self.tensors["x_val"],
+            self.tensors["y_val"],
+            self.val_batch_size,
+            shuffle=False,
+            transform=self.eval_transform(),
+            rank=rank,
+            world_size=world,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_batches": self._train.state_dict()} if self._train else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "train_batches" in state:
+            self._pending_state = state["train_batches"]
+            if self._train is not None:
+                self._train.load_state_dict(self._pending_state)

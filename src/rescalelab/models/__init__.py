@@ -1,0 +1,6 @@
+"""Models. Each takes ``input_shape`` and ``num_classes`` from the data and a norm plug."""
+
+from rescalelab.models.geometry import LayerGeometry, layer_geometry, rescalable_layers
+from rescalelab.models.small_cnn import LeNet, SmallCNN
+
+__all__ = ["LayerGeometry", "LeNet", "SmallCNN", "layer_geometry", "rescalable_layers"]

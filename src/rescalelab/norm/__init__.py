@@ -1,0 +1,43 @@
+"""Normalization plugs: what a model puts after each hidden Conv2d/Linear layer.
+
+Models never import a normalization choice. They receive a plug and ask it, for every hidden
+layer, ``plug.conv(channels)`` / ``plug.linear(features)`` for the module that follows the
+layer (``nn.Identity`` for no normalization, BatchNorm for ``norm=bn``). A plug may also
+``prepare`` the built model (register statistics, wrap layers) and act on the gradients
+``before_optimizer_step``; ``norm=whitening`` uses those two.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from rescalelab.norm.plug import NormPlug
+
+
+class NoNorm(NormPlug):
+    """``norm=none``: plain layers, one common stepsize unless ``optim.layer_scale`` says otherwise."""
+
+    name = "none"
+
+
+class BatchNorm(NormPlug):
+    """``norm=bn``: BatchNorm after every conv/linear layer except the output layer.
+
+    ``momentum`` has torch's meaning (weight of the new batch in the running averages).
+    ``sync=true`` turns every BatchNorm into SyncBatchNorm under DDP, so that the batch
+    statistics are those of the global batch.
+    """
+
+    name = "bn"
+
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5, sync: bool = False) -> None:
+        self.momentum, self.eps, self.sync = momentum, eps, sync
+
+    def conv(self, channels: int) -> nn.Module:
+        return nn.BatchNorm2d(channels, eps=self.eps, momentum=self.momentum)
+
+    def linear(self, features: int) -> nn.Module:
+        return nn.BatchNorm1d(features, eps=self.eps, momentum=self.momentum)
+
+
+__all__ = ["BatchNorm", "NoNorm", "NormPlug"]

@@ -1,0 +1,117 @@
+"""Optimizers with parameter groups, per-layer stepsizes and stepsize schedules.
+
+An ``optim`` config is a torch optimizer ``_target_`` (``_partial_: true``) plus two keys that
+rescalelab consumes to build parameter groups before the optimizer is instantiated:
+
+* ``layer_scale``: ``none`` (one common stepsize) or ``fanin`` (stepsize of each Conv2d/Linear
+  layer multiplied by 1/sqrt(share × fanin), the lecture's fan-in heuristic);
+* ``decay_exclude``: when true, biases and normalization parameters get no weight decay.
+
+A ``schedule`` config is a ``_partial_`` factory ``f(optimizer) -> LRScheduler`` plus
+``interval`` (``step`` or ``epoch``), also consumed here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from rescalelab.errors import ConfigError
+from rescalelab.models.geometry import LayerGeometry, rescalable_layers
+
+OPTIM_KEYS = ("layer_scale", "decay_exclude")
+LAYER_SCALES = ("none", "fanin")
+
+
+def _split(cfg: DictConfig, keys: tuple[str, ...]) -> tuple[dict[str, Any], DictConfig]:
+    """Separate rescalelab's own keys from the optimizer/scheduler constructor's."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    own = {k: plain.pop(k) for k in keys if k in plain}
+    return own, OmegaConf.create(plain)
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    layer_scale: str = "none",
+    decay_exclude: bool = False,
+    geometry: dict[str, LayerGeometry] | None = None,
+) -> list[dict[str, Any]]:
+    """One group per Conv2d/Linear layer (named after it), plus ``other`` for the rest.
+
+    With ``layer_scale=fanin`` group ``l`` gets ``lr × (share_l × fanin_l)^(-1/2)``.
+    With ``decay_exclude`` biases and parameters outside Conv2d/Linear weights (BatchNorm γ, β)
+    are placed in ``<group>.no_decay`` groups with ``weight_decay=0``.
+    """
+    if layer_scale not in LAYER_SCALES:
+        raise ConfigError(
+            f"optim.layer_scale={layer_scale} is invalid: expected one of {LAYER_SCALES}"
+        )
+    if layer_scale == "fanin" and geometry is None:
+        raise ValueError("layer_scale=fanin needs the layer geometry")
+    groups: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for name, layer in rescalable_layers(model):
+        scale = geometry[name].scale if layer_scale == "fanin" and geometry else 1.0
+        decayed = [layer.weight]
+        plain = [layer.bias] if layer.bias is not None else []
+        if not decay_exclude:
+            decayed, plain = decayed + plain, []
+        for suffix, params, wd in (("", decayed, weight_decay), (".no_decay", plain, 0.0)):
+            params = [p for p in params if p.requires_grad]
+            if params:
+                groups.append(
+                    {
+                        "name": name + suffix,
+                        "params": params,
+                        "lr": lr * scale,
+                        "weight_decay": wd,
+                        "lr_scale": scale,
+                    }
+                )
+                seen.update(id(p) for p in params)
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    if rest:
+        groups.append(
+            {
+                "name": "other",
+                "params": rest,
+                "lr": lr,
+                "weight_decay": 0.0 if decay_exclude else weight_decay,
+                "lr_scale": 1.0,
+            }
+        )
+    return groups
+
+
+def build_optimizer(
+    cfg: DictConfig, model: nn.Module, geometry: dict[str, LayerGeometry] | None
+) -> torch.optim.Optimizer:
+    """Instantiate ``cfg`` (a partial torch optimizer) on the parameter groups of ``model``."""
+    own, ctor = _split(cfg, OPTIM_KEYS)
+    lr = float(ctor.get("lr", 1e-3))
+    groups = param_groups(
+        model,
+        lr=lr,
+        weight_decay=float(ctor.get("weight_decay", 0.0)),
+        layer_scale=str(own.get("layer_scale", "none")),
+        decay_exclude=bool(own.get("decay_exclude", False)),
+        geometry=geometry,
+    )
+    return instantiate(ctor)(groups)
+
+
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Instantiate ``cfg`` (a partial scheduler factory) in Lightning's scheduler-dict form."""
+    own, ctor = _split(cfg, ("interval", "frequency"))
+    interval = own.get("interval", "step")
+    if interval not in ("step", "epoch"):
+        raise ConfigError(f"schedule.interval={interval} is invalid: expected 'step' or 'epoch'")
+    scheduler = instantiate(ctor)(optimizer)
+    return {"scheduler": scheduler, "interval": interval, "frequency": int(own.get("frequency", 1))}

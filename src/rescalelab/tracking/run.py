@@ -1,0 +1,163 @@
+"""One training job's MLflow run: name, params, tags, config artifacts, parent, final status.
+
+Lightning's ``MLFlowLogger`` only writes metrics into the run created here (it receives the
+run id), so everything a run *is* — its name, its place under a sweep's parent run, its
+config — is decided in this one module.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Param, RunTag
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import MLFlowLogger
+
+import rescalelab
+from rescalelab.tracking.store import ensure_experiment
+
+PARENT_FILE = "mlflow_parent.json"
+# Overrides that say where things go, not what the experiment is: left out of run names.
+_NOT_IN_NAME = ("paths.", "logger.", "hydra.", "trainer.enable_progress_bar", "resume", "ckpt_path")
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """``{"optim.lr": "0.1", ...}`` for every leaf of a nested dict/list config."""
+    out: dict[str, str] = {}
+    if isinstance(cfg, dict):
+        for k, v in cfg.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(cfg, list) and any(isinstance(v, (dict, list)) for v in cfg):
+        for i, v in enumerate(cfg):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = json.dumps(cfg) if isinstance(cfg, list) else str(cfg)
+    return out
+
+
+def run_name(
+    overrides: list[str], job_num: int | None = None, swept_keys: list[str] | None = None
+) -> str:
+    """A readable run name from the experiment-defining overrides, e.g. ``norm=bn optim.lr=0.1``.
+
+    In a sweep only the swept keys name the child, followed by its job number: ``norm=bn #3``.
+    """
+    parts = [o for o in overrides if not o.lstrip("+~").startswith(_NOT_IN_NAME)]
+    if swept_keys is not None:
+        parts = [o for o in parts if o.lstrip("+~").split("=", 1)[0] in swept_keys]
+    name = " ".join(parts) or "default"
+    return name if job_num is None else f"{name} #{job_num}"
+
+
+def git_commit(cwd: str | Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def read_parent(sweep_dir: str | Path) -> dict[str, Any] | None:
+    """What the sweep callback left in ``sweep_dir``: ``run_id``, ``swept_keys`` (or ``None``)."""
+    path = Path(sweep_dir) / PARENT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class TrackedRun:
+    """Creates the MLflow run of a training job and hands Lightning a logger bound to it."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, run_id: str) -> None:
+        self.tracking_uri, self.experiment_name, self.run_id = tracking_uri, experiment_name, run_id
+        self.client = MlflowClient(tracking_uri)
+
+    @classmethod
+    def start(
+        cls,
+        cfg: DictConfig,
+        *,
+        tracking_uri: str,
+        experiment_name: str,
+        overrides: list[str],
+        output_dir: str,
+        job_num: int | None = None,
+        parent: dict[str, Any] | None = None,
+        extra_params: dict[str, Any] | None = None,
+        extra_tags: dict[str, str] | None = None,
+    ) -> TrackedRun:
+        experiment_id = ensure_experiment(tracking_uri, experiment_name)
+        client = MlflowClient(tracking_uri)
+        tags = {
+            "rescalelab.overrides": " ".join(overrides),
+            "rescalelab.output_dir": str(output_dir),
+            "rescalelab.version": rescalelab.__version__,
+            "mlflow.source.name": "rescalelab-train",
+            "host": socket.gethostname(),
+        }
+        commit = git_commit(Path(rescalelab.__file__).parent)
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        if parent:
+            tags["mlflow.parentRunId"] = parent["run_id"]
+        tags.update(extra_tags or {})
+        run = client.create_run(
+            experiment_id,
+            run_name=run_name(overrides, job_num, parent["swept_keys"])
+            if parent
+            else run_name(overrides),
+            tags=tags,
+        )
+        self = cls(tracking_uri, experiment_name, run.info.run_id)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        params = flatten(resolved)
+        params.update({k: str(v) for k, v in (extra_params or {}).items()})
+        self.log_params(params)
+        self.log_config(cfg, output_dir)
+        return self
+
+    def log_params(self, params: dict[str, str]) -> None:
+        """Params in batches of 100; values longer than MLflow's limit are cut *visibly*
+        (the full value is in the ``config/`` artifacts)."""
+        items = []
+        for k, v in sorted(params.items()):
+            if len(v) > MAX_PARAM_VAL_LENGTH:
+                v = v[: MAX_PARAM_VAL_LENGTH - 40] + "…[truncated: see config/ artifact]"
+            items.append(Param(k, v))
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_config(self, cfg: DictConfig, output_dir: str) -> None:
+        """The resolved config, and Hydra's own ``.hydra/`` files (config, overrides, hydra)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            self.client.log_artifacts(self.run_id, tmp, "config")
+        hydra_dir = Path(output_dir) / ".hydra"
+        if hydra_dir.is_dir():
+            self.client.log_artifacts(self.run_id, str(hydra_dir), "config/hydra")
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def logger(self) -> MLFlowLogger:
+        """A Lightning logger writing into this run (it never creates a run of its own)."""
+        return MLFlowLogger(
+            experiment_name=self.experiment_name,
+            tracking_uri=self.tracking_uri,
+            run_id=self.run_id,
+            log_model=False,
+        )
+
+    def end(self, status: str) -> None:
+        """Set the final status: ``FINISHED``, ``FAILED`` or ``KILLED``."""
+        self.client.set_terminated(self.run_id, status)
+
+    def ui_command(self) -> str:
+        return f"mlflow ui --backend-store-uri {self.tracking_uri}"
