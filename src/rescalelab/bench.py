@@ -1,0 +1,439 @@
+"""``rescalelab-bench``: side-by-side benchmarks, interleaved in one process, reported as median ratios.
+
+Every comparison runs its variants in the same process, after a warm-up, interleaved
+(A B C, C B A, A B C, ... — alternating order cancels slow drifts of the machine), and reports the
+median time per step of each variant and the median of the *per-round ratios* with its
+interquartile range. Ratios measured this way are stable on noisy machines where absolute times
+are not. Rows:
+
+1. ``framework``: a full rescalelab fit (Lightning loop, progress bar, MLflow logger, default
+   callbacks) versus a bare PyTorch loop, same model, data tensors, batch, optimizer and steps.
+2. ``norm/<model>``: one training step (forward, backward, optimizer step) with norm none, bn,
+   whitening (default statistics interval) and whitening updated every step.
+3. ``drift``: a fit with the drift callback at its default schedule versus without.
+4. ``logging``: a fit with the MLflow logger versus ``logger=False``.
+5. ``data/<pipeline>``: images/s a pipeline delivers versus images/s a training step consumes.
+6. On GPU: bf16 autocast and ``torch.compile`` variants of the bare loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Comparison:
+    """Median seconds per unit for each variant and the median ratio of each variant to the base."""
+
+    row: str
+    unit: str
+    base: str
+    medians: dict[str, float]
+    ratios: dict[str, tuple[float, float, float]]  # variant -> (q25, median, q75) of variant/base
+    target: str = ""
+    holds: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def interleave(
+    fns: dict[str, Callable[[], float]], rounds: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Call every variant once per round, alternating the order; return each variant's samples."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            samples[name].append(fns[name]())
+    return samples
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return (values[0],) * 3
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], statistics.median(values), q[2]
+
+
+def compare(
+    row: str, samples: dict[str, list[float]], base: str, unit: str = "s/step"
+) -> Comparison:
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    ratios = {
+        k: _quartiles([a / b for a, b in zip(v, samples[base])])
+        for k, v in samples.items()
+        if k != base
+    }
+    return Comparison(row, unit, base, medians, ratios)
+
+
+# -- the workloads ---------------------------------------------------------------------------
+
+
+def _synthetic(
+    n: int, shape: tuple[int, ...], classes: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, *shape, generator=g).to(device), torch.randint(
+        0, classes, (n,), generator=g
+    ).to(device)
+
+
+def _norm_plug(name: str, **kw: Any):
+    from rescalelab import norm as norms
+
+    if name == "none":
+        return norms.NoNorm()
+    if name == "bn":
+        return norms.BatchNorm()
+    from rescalelab.norm.whitening import Whitening  # built by the whitening module
+
+    return Whitening(**kw)
+
+
+def step_timer(
+    model_name: str,
+    norm_name: str,
+    batch: int,
+    steps: int,
+    device: str,
+    image: int = 32,
+    **norm_kw: Any,
+) -> Callable[[], float]:
+    """A function timing ``steps`` training steps (seconds per step) of one configuration."""
+    from rescalelab.models import SmallCNN, layer_geometry
+
+    shape = (3, image, image)
+    plug = _norm_plug(norm_name, **norm_kw)
+    if model_name == "alexnet":
+        from rescalelab.models.alexnet import AlexNet
+
+        model = AlexNet(shape, 10, norm=plug)
+    else:
+        model = SmallCNN(shape, 10, norm=plug)
+    model.to(device)
+    layer_geometry(model, shape)
+    plug.prepare(model, shape)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = _synthetic(batch * 4, shape, 10, device)
+    state = {"k": 0}
+
+    def run() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            i = state["k"] % 4
+            xb, yb = x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
+            plug.on_train_batch_start(model, xb, state["k"])
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            plug.before_optimizer_step(model)
+            opt.step()
+            state["k"] += 1
+        _sync(device)
+        return (time.perf_counter() - t0) / steps
+
+    return run
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bare_loop_timer(
+    batch: int, steps: int, device: str, *, bf16: bool = False, compile: bool = False
+):
+    """The floor: small_cnn, tensors on the device, SGD, no logging, no callbacks."""
+    from rescalelab.models import SmallCNN
+
+    model = SmallCNN((3, 32, 32), 10).to(device)
+    step_model = torch.compile(model) if compile else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = _synthetic(batch * steps, (3, 32, 32), 10, device)
+
+    def run() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for k in range(steps):
+            xb, yb = x[k * batch : (k + 1) * batch], y[k * batch : (k + 1) * batch]
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(step_model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        _sync(device)
+        return (time.perf_counter() - t0) / steps
+
+    return run
+
+
+class _FitClock:
+    """Lightning callback measuring wall time from the first to the last training batch."""
+
+    def __new__(cls):
+        import pytorch_lightning as pl
+
+        class Clock(pl.Callback):
+            def on_train_start(self, trainer, pl_module):
+                _sync(str(pl_module.device))
+                self.t0 = time.perf_counter()
+
+            def on_train_end(self, trainer, pl_module):
+                _sync(str(pl_module.device))
+                self.seconds = time.perf_counter() - self.t0
+                self.steps = trainer.global_step
+
+        return Clock()
+
+
+def fit_timer(root: Path, overrides: list[str], steps: int, batch: int, *, logger: bool = True):
+    """A function running a full rescalelab fit of ``steps`` steps; returns seconds per step.
+
+    Everything a user's ``rescalelab-train`` does per step is inside the clock (Lightning's loop,
+    progress bar, checkpointing, MLflow logging); one-time setup (building the MLflow run and the
+    Trainer) is outside it.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    from rescalelab.tracking import TrackedRun
+    from rescalelab.train import build_components
+
+    counter = {"n": 0}
+
+    def run() -> float:
+        counter["n"] += 1
+        out = root / f"fit{counter['n']}"
+        with initialize_config_module("rescalelab.conf", version_base="1.3"):
+            cfg = compose(
+                "train",
+                overrides=[
+                    f"paths.root={root}",
+                    f"paths.output_dir={out}",
+                    f"data.num_train={batch * steps}",
+                    "data.num_val=256",
+                    f"data.batch_size={batch}",
+                    "trainer.max_epochs=1",
+                    "+trainer.limit_val_batches=0",
+                    *overrides,
+                ],
+            )
+        parts = build_components(cfg)
+        clock = _FitClock()
+        tracked = None
+        if logger:
+            tracked = TrackedRun.start(
+                cfg, tracking_uri=cfg.logger.tracking_uri, experiment_name="bench-fits",
+                overrides=overrides, output_dir=str(out),
+            )  # fmt: skip
+        trainer = instantiate(
+            cfg.trainer, callbacks=[*parts["callbacks"], clock],
+            logger=tracked.logger() if tracked else False,
+        )  # fmt: skip
+        trainer.fit(parts["module"], datamodule=parts["datamodule"])
+        if tracked:
+            tracked.end("FINISHED")
+        return clock.seconds / max(clock.steps, 1)
+
+    return run
+
+
+# -- the rows ----------------------------------------------------------------------------------
+
+
+def row_framework(root: Path, device: str, quick: bool) -> list[Comparison]:
+    steps, rounds, batch = (20, 2, 128) if quick else (150, 5, 128)
+    trainer = ["trainer=gpu"] if device.startswith("cuda") else []
+    samples = interleave(
+        {
+            "bare": bare_loop_timer(batch, steps, device),
+            "rescalelab": fit_timer(root, trainer, steps, batch),
+        },
+        rounds,
+    )
+    c = compare("framework (small_cnn, batch 128)", samples, base="rescalelab")
+    # steps/s ratio framework/bare = time(bare)/time(framework)
+    q25, med, q75 = c.ratios["bare"]
+    c.target, c.holds = "steps/s rescalelab / bare >= 0.90", med >= 0.90
+    c.notes.append(f"steps/s ratio rescalelab/bare = {med:.3f} [{q25:.3f}, {q75:.3f}]")
+    rows = [c]
+    samples = interleave(
+        {
+            "no_logger": fit_timer(root, trainer, steps, batch, logger=False),
+            "mlflow": fit_timer(root, trainer, steps, batch),
+        },
+        rounds,
+    )
+    c = compare("logging (MLflow logger vs none)", samples, base="no_logger")
+    c.target, c.holds = "mlflow / no_logger step time <= 1.02", c.ratios["mlflow"][1] <= 1.02
+    rows.append(c)
+    return rows
+
+
+def row_norm(device: str, quick: bool, model: str = "small_cnn") -> Comparison:
+    steps, rounds = (5, 3) if quick else (20, 15)
+    batch, image = (128, 32) if model == "small_cnn" else (32, 64)
+    fns = {
+        name: step_timer(model, name, batch, steps, device, image=image)
+        for name in ("none", "bn", "whitening")
+    }
+    fns["whitening_every_step"] = step_timer(
+        model, "whitening", batch, steps, device, image=image, interval=1
+    )
+    samples = interleave(fns, rounds)
+    c = compare(f"norm step time ({model}, batch {batch}, {image}px)", samples, base="bn")
+    wn = _quartiles([a / b for a, b in zip(samples["whitening"], samples["none"])])
+    c.target = "whitening/bn <= 0.85 and whitening/none <= 1.10"
+    c.holds = c.ratios["whitening"][1] <= 0.85 and wn[1] <= 1.10
+    c.notes.append(f"whitening/none = {wn[1]:.3f} [{wn[0]:.3f}, {wn[2]:.3f}]")
+    return c
+
+
+def row_drift(root: Path, device: str, quick: bool) -> Comparison:
+    steps, rounds, batch = (20, 2, 128) if quick else (150, 5, 128)
+    trainer = ["trainer=gpu"] if device.startswith("cuda") else []
+    samples = interleave(
+        {
+            "default": fit_timer(root, [*trainer, "callbacks=default"], steps, batch, logger=True),
+            "drift": fit_timer(root, [*trainer, "callbacks=drift"], steps, batch, logger=True),
+        },
+        rounds,
+    )
+    c = compare("drift callback (default schedule)", samples, base="default")
+    c.target, c.holds = "drift / default step time <= 1.03", c.ratios["drift"][1] <= 1.03
+    return c
+
+
+def row_gpu_variants(device: str, quick: bool) -> Comparison:
+    steps, rounds = (20, 3) if quick else (200, 7)
+    fns = {
+        "fp32": bare_loop_timer(512, steps, device),
+        "bf16": bare_loop_timer(512, steps, device, bf16=True),
+        "compile": bare_loop_timer(512, steps, device, compile=True),
+        "compile_bf16": bare_loop_timer(512, steps, device, bf16=True, compile=True),
+    }
+    return compare(
+        "GPU variants (bare loop, small_cnn, batch 512)", interleave(fns, rounds, warmup=2), "fp32"
+    )
+
+
+def machine() -> dict[str, str]:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": str(torch.get_num_threads()),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _available(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def run(
+    quick: bool = False, device: str | None = None, rows: list[str] | None = None
+) -> dict[str, Any]:
+    """Run the selected rows; return ``{"machine": ..., "rows": [Comparison as dict, ...]}``."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    wanted = set(rows or ["framework", "norm", "drift", "data", "gpu"])
+    results: list[Comparison] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if "norm" in wanted and _available("rescalelab.norm.whitening"):
+            results.append(row_norm(device, quick))
+            if _available("rescalelab.models.alexnet") and not quick:
+                results.append(row_norm(device, quick, model="alexnet"))
+        if "framework" in wanted:
+            results.extend(row_framework(root, device, quick))
+        if "drift" in wanted and _available("rescalelab.instruments.drift"):
+            results.append(row_drift(root, device, quick))
+        if "data" in wanted and _available("rescalelab.data.throughput"):
+            from rescalelab.data.throughput import benchmark_rows
+
+            results.extend(benchmark_rows(device=device, quick=quick))
+        if "gpu" in wanted and device.startswith("cuda"):
+            results.append(row_gpu_variants(device, quick))
+    return {
+        "machine": machine(),
+        "device": device,
+        "quick": quick,
+        "rows": [asdict(r) for r in results],
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as a Markdown table (one line per variant)."""
+    lines = [
+        "| row | variant | median | ratio to base [q25, q75] | target | holds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        for i, (name, med) in enumerate(r["medians"].items()):
+            q = r["ratios"].get(name)
+            ratio = f"{q[1]:.3f} [{q[0]:.3f}, {q[2]:.3f}]" if q else "(base)"
+            unit = r["unit"]
+            value = f"{med * 1e3:.2f} ms/step" if unit == "s/step" else f"{med:.4g} {unit}"
+            target = (
+                (r["target"], "" if r["holds"] is None else ("yes" if r["holds"] else "NO"))
+                if i == 0
+                else ("", "")
+            )
+            lines.append(
+                f"| {r['row'] if i == 0 else ''} | {name} | {value} | {ratio} | {target[0]} | {target[1]} |"
+            )
+        for note in r["notes"]:
+            lines.append(f"| | _{note}_ | | | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="rescalelab-bench", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke run in under a minute (numbers are noise)"
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--rows", nargs="*", help="subset of: framework norm drift data gpu")
+    p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    p.add_argument(
+        "--tracking-uri", default=None, help="log to this MLflow store (experiment 'benchmarks')"
+    )
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    report = run(args.quick, args.device, args.rows)
+    print(table(report))
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    if args.tracking_uri:
+        from rescalelab.tracking.benchmarks import log_benchmark
+
+        print("logged to MLflow run", log_benchmark(args.tracking_uri, report))
+
+
+if __name__ == "__main__":
+    main()
