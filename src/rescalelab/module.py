@@ -55,11 +55,18 @@ class Classifier(pl.LightningModule):
         x, y = batch
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(dim=1) == y).float().mean()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", acc)
-        self._log_stepsizes()
+        if self._is_logging_step():
+            # Lightning writes step metrics only every log_every_n_steps; computing and
+            # self.log-ing them on the other steps would cost time and change nothing.
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/acc", (logits.argmax(dim=1) == y).float().mean())
+            self._log_stepsizes()
         return loss
+
+    def _is_logging_step(self) -> bool:
+        """True on the steps Lightning sends to the logger (same rule as its logger connector)."""
+        every = self.trainer.log_every_n_steps
+        return (self.global_step + 1) % every == 0 or self.trainer.should_stop
 
     def _log_stepsizes(self) -> None:
         groups = self.optimizers().optimizer.param_groups
