@@ -25,7 +25,7 @@ from rescalelab.errors import ConfigError
 from rescalelab.models.geometry import layer_geometry, rescalable_layers
 from rescalelab.module import Classifier
 from rescalelab.optim import build_optimizer, build_scheduler
-from rescalelab.tracking import TrackedRun, read_parent
+from rescalelab.tracking import read_parent
 from rescalelab.validate import validate
 
 console = Console(stderr=True)
@@ -84,10 +84,9 @@ def train(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     parts = build_components(cfg)
     multirun = hc.mode == RunMode.MULTIRUN
-    run = TrackedRun.start(
+    tracking = _build("logger", cfg.logger)  # rescalelab.tracking.MlflowTracking
+    run = tracking.start(
         cfg,
-        tracking_uri=cfg.logger.tracking_uri,
-        experiment_name=cfg.logger.experiment_name,
         overrides=list(hc.overrides.task),
         output_dir=hc.runtime.output_dir,
         job_num=hc.job.num if multirun else None,

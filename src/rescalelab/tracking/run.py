@@ -72,6 +72,18 @@ def read_parent(sweep_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+class MlflowTracking:
+    """``logger=mlflow``: where runs go. ``start`` creates one job's run (see :class:`TrackedRun`)."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str = "rescalelab") -> None:
+        self.tracking_uri, self.experiment_name = tracking_uri, experiment_name
+
+    def start(self, cfg: DictConfig, **kwargs: Any) -> TrackedRun:
+        return TrackedRun.start(
+            cfg, tracking_uri=self.tracking_uri, experiment_name=self.experiment_name, **kwargs
+        )
+
+
 class TrackedRun:
     """Creates the MLflow run of a training job and hands Lightning a logger bound to it."""
 
