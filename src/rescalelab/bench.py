@@ -333,6 +333,34 @@ def row_gpu_variants(device: str, quick: bool) -> Comparison:
     )
 
 
+def _data_rows(device: str, quick: bool) -> list[Comparison] | None:
+    """Row 5 from ``scripts/bench_data.py`` (a repository script: it writes its own fixtures)."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_data.py"
+    if not script.exists():  # an installed wheel without the repository's scripts/
+        return None
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(script.parents[1]))  # bench_data imports tests.fixtures_data
+    spec = importlib.util.spec_from_file_location("rescalelab_bench_data", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sizes = {"cifar_images": 1000, "imagenet_images": 64, "batch": 8} if quick else {}
+    out = []
+    for r in module.bench(device, **sizes):
+        c = Comparison(
+            row=f"data/{r['pipeline']} ({r['model']}, batch {r['batch_size']})",
+            unit="img/s",
+            base="consumed",
+            medians={"delivered": r["delivered_img_s"], "consumed": r["consumed_img_s"]},
+            ratios={"delivered": (r["ratio"], r["ratio"], r["ratio"])},
+        )
+        if r["pipeline"] != "imagenet_folder":
+            c.target, c.holds = "delivered / consumed >= 5", r["ratio"] >= 5
+        out.append(c)
+    return out
+
+
 def machine() -> dict[str, str]:
     info = {
         "python": platform.python_version(),
@@ -372,10 +400,8 @@ def run(
             results.extend(row_framework(root, device, quick))
         if "drift" in wanted and _available("rescalelab.instruments.drift"):
             results.append(row_drift(root, device, quick))
-        if "data" in wanted and _available("rescalelab.data.throughput"):
-            from rescalelab.data.throughput import benchmark_rows
-
-            results.extend(benchmark_rows(device=device, quick=quick))
+        if "data" in wanted and (data_rows := _data_rows(device, quick)) is not None:
+            results.extend(data_rows)
         if "gpu" in wanted and device.startswith("cuda"):
             results.append(row_gpu_variants(device, quick))
     return {

@@ -1,0 +1,226 @@
+"""``data=cifar10``: the CIFAR-10 python distribution, held as one uint8 tensor per split.
+
+Reads ``<root>/cifar-10-batches-py/`` exactly as distributed (``data_batch_1`` … ``data_batch_5``,
+``test_batch``, ``batches.meta``: pickles whose ``b'data'`` is uint8 ``[10000, 3072]`` in
+R-then-G-then-B planes of 32×32 and ``b'labels'`` a list of ints). The batches are read
+directly (torchvision's class insists on the md5 of the official files; ``verify=true`` does
+that check here). The splits stay uint8 (50000×3×32×32 = 150 MB) and move to the training
+device once; :mod:`rescalelab.data.augment` normalizes (μ_c, σ_c of the training split) and,
+with ``augment=true``, crops with padding r and flips whole batches on the device, with a new
+permutation every epoch drawn from (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rescalelab.data.augment import ImageBatchTransform, channel_stats
+from rescalelab.data.base import TensorDataModule
+from rescalelab.data.tensor_batches import BatchTransform
+from rescalelab.errors import ConfigError
+
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILE = "test_batch"
+META_FILE = "batches.meta"
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+LAYOUT = (
+    f"expected {FOLDER}/{{data_batch_1..5,test_batch,batches.meta}} under data.root "
+    f"(the CIFAR-10 python version, {URL}, unpacked; or set data.download=true)"
+)
+
+
+def _optional_count(key: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise ConfigError(f"{key}={value} is invalid: expected null or an integer > 0")
+
+
+def find_batches(root: Path) -> Path:
+    """The folder holding the batch files: ``root/cifar-10-batches-py`` or ``root`` itself."""
+    for folder in (root / FOLDER, root):
+        if (folder / TRAIN_FILES[0]).is_file():
+            return folder
+    return root / FOLDER
+
+
+def read_pickle(path: Path) -> dict[bytes, Any]:
+    """One CIFAR pickle (written by Python 2: keys come back as bytes)."""
+    try:
+        with path.open("rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as e:
+        raise ConfigError(
+            f"data.root: cannot read {path} ({type(e).__name__}: {e}): the file is truncated "
+            f"or not a CIFAR-10 pickle; {LAYOUT}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"data.root: {path} is not a CIFAR-10 pickle; {LAYOUT}")
+    return {k.encode() if isinstance(k, str) else k: v for k, v in obj.items()}
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(x uint8 [n, 3, 32, 32], y int64 [n])`` from one batch file."""
+    d = read_pickle(path)
+    if b"data" not in d or b"labels" not in d:
+        raise ConfigError(f"data.root: {path} lacks the keys b'data' and b'labels'; {LAYOUT}")
+    data, labels = np.asarray(d[b"data"]), np.asarray(d[b"labels"], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ConfigError(
+            f"data.root: {path} has b'data' {data.dtype}{list(data.shape)}, "
+            f"expected uint8 [n, 3072]; {LAYOUT}"
+        )
+    if len(labels) != len(data) or (len(labels) and not 0 <= labels.min() <= labels.max() <= 9):
+        raise ConfigError(
+            f"data.root: {path} has {len(labels)} labels for {len(data)} images "
+            f"(expected one label in 0..9 per image); {LAYOUT}"
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _verify_md5(folder: Path) -> None:
+    from torchvision.datasets import CIFAR10 as TV
+    from torchvision.datasets.utils import check_integrity
+
+    for name, md5 in [*TV.train_list, *TV.test_list, (TV.meta["filename"], TV.meta["md5"])]:
+        if not check_integrity(str(folder / name), md5):
+            raise ConfigError(
+                f"data.verify=true: {folder / name} does not have the md5 of the official "
+                f"file ({md5}); re-download it ({URL}) or set data.verify=false"
+            )
+
+
+def _subset(n_total: int, n: int | None, seed: int) -> torch.Tensor | None:
+    """Indices of ``n`` samples drawn without replacement from (seed), in file order."""
+    if n is None or n >= n_total:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[:n].sort().values
+
+
+class CIFAR10(TensorDataModule):
+    """CIFAR-10 (3×32×32, 10 classes) from the python distribution under ``root``.
+
+    ``num_train``/``num_val`` (``null``: all) keep a random subset drawn from the seed, for
+    quick runs. ``mean``/``std`` (``null``: measured on the training split) are μ_c, σ_c in
+    [0, 1] units. With ``augment=true`` training batches get a random crop with
+    ``crop_padding`` r and, with ``flip=true``, random horizontal flips.
+    """
+
+    num_classes = 10
+    input_shape = (3, 32, 32)
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = False,
+        verify: bool = False,
+        augment: bool = True,
+        crop_padding: int = 4,
+        flip: bool = True,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        num_train: int | None = None,
+        num_val: int | None = None,
+        batch_size: int = 128,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, seed=seed)
+        _optional_count("data.num_train", num_train)
+        _optional_count("data.num_val", num_val)
+        if not isinstance(crop_padding, int) or crop_padding < 0:
+            raise ConfigError(
+                f"data.crop_padding={crop_padding} is invalid: expected an integer >= 0"
+            )
+        if num_train is not None and batch_size > num_train:
+            raise ConfigError(
+                f"data.batch_size={batch_size} is invalid: expected <= data.num_train={num_train}"
+            )
+        for key, v in (("data.mean", mean), ("data.std", std)):
+            if v is not None and len(v) != 3:
+                raise ConfigError(f"{key}={list(v)} is invalid: expected 3 numbers")
+        if std is not None and min(std) <= 0:
+            raise ConfigError(f"data.std={list(std)} is invalid: expected numbers > 0")
+        self.root = Path(root).expanduser()
+        self.download, self.verify = download, verify
+        self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
+        self.mean = None if mean is None else [float(v) for v in mean]
+        self.std = None if std is None else [float(v) for v in std]
+        self.num_train, self.num_val = num_train, num_val
+        self.classes: list[str] = []
+
+    # -- reading ----------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        folder = find_batches(self.root)
+        missing = [n for n in [*TRAIN_FILES, TEST_FILE, META_FILE] if not (folder / n).is_file()]
+        if missing and self.download:
+            from torchvision.datasets import CIFAR10 as TV
+
+            try:
+                TV(str(self.root), train=True, download=True)
+            except Exception as e:  # no network, disk full, ...
+                raise ConfigError(
+                    f"data.download=true: downloading CIFAR-10 into {self.root} failed ({e})"
+                ) from None
+
+    def load(self) -> dict[str, torch.Tensor]:
+        folder = find_batches(self.root)
+        if not folder.is_dir():
+            raise ConfigError(f"data.root={self.root} has no CIFAR-10 dataset: {LAYOUT}")
+        missing = [n for n in [*TRAIN_FILES, TEST_FILE, META_FILE] if not (folder / n).is_file()]
+        if missing:
+            raise ConfigError(
+                f"data.root={self.root}: CIFAR-10 is incomplete in {folder} "
+                f"(missing {', '.join(missing)}); {LAYOUT}"
+            )
+        if self.verify:
+            _verify_md5(folder)
+        meta = read_pickle(folder / META_FILE)
+        names = meta.get(b"label_names")
+        if not isinstance(names, list) or len(names) != 10:
+            raise ConfigError(
+                f"data.root: {folder / META_FILE} lacks b'label_names' (10 names); {LAYOUT}"
+            )
+        self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        parts = [read_batch(folder / n) for n in TRAIN_FILES]
+        x_train = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        y_train = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+        xv, yv = read_batch(folder / TEST_FILE)
+        x_val, y_val = torch.from_numpy(xv), torch.from_numpy(yv)
+        if (idx := _subset(len(x_train), self.num_train, self.seed)) is not None:
+            x_train, y_train = x_train[idx], y_train[idx]
+        if (idx := _subset(len(x_val), self.num_val, self.seed + 1)) is not None:
+            x_val, y_val = x_val[idx], y_val[idx]
+        if self.batch_size > len(x_train):
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is invalid: expected <= the "
+                f"{len(x_train)} training images"
+            )
+        if self.mean is None or self.std is None:
+            mean, std = channel_stats(x_train)
+            self.mean, self.std = self.mean or mean, self.std or std
+        return {
+            "x_train": x_train.contiguous(),
+            "y_train": y_train,
+            "x_val": x_val.contiguous(),
+            "y_val": y_val,
+        }
+
+    # -- transforms -------------------------------------------------------------------------
+    def train_transform(self) -> BatchTransform:
+        if not self.augment:
+            return self.eval_transform()
+        return ImageBatchTransform(
+            self.mean, self.std, size=32, padding=self.crop_padding,
+            random_crop=self.crop_padding > 0, flip=self.flip,
+        )  # fmt: skip
+
+    def eval_transform(self) -> BatchTransform:
+        return ImageBatchTransform(self.mean, self.std)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "mean": self.mean, "std": self.std}
