@@ -5,6 +5,11 @@ layer, ``plug.conv(channels)`` / ``plug.linear(features)`` for the module that f
 layer (``nn.Identity`` for no normalization, BatchNorm for ``norm=bn``). A plug may also
 ``prepare`` the built model (register statistics, wrap layers) and act on the gradients
 ``before_optimizer_step``; ``norm=whitening`` uses those two.
+
+Options: ``none`` (:class:`NoNorm`), ``bn`` (:class:`BatchNorm`), ``whitening``
+(:class:`~rescalelab.norm.whitening.Whitening`, the Lafond–Vasilache–Bottou reparametrization
+as a gradient transform) and ``bn_warmup`` (:class:`~rescalelab.norm.bn_warmup.BnWarmup`, BN
+epochs then an exact switch to whitening; the BN folding lives in ``rescalelab.norm.fold``).
 """
 
 from __future__ import annotations
@@ -40,4 +45,9 @@ class BatchNorm(NormPlug):
         return nn.BatchNorm1d(features, eps=self.eps, momentum=self.momentum)
 
 
-__all__ = ["BatchNorm", "NoNorm", "NormPlug"]
+# Imported last: whitening needs rescalelab.models.geometry, and the models import NoNorm/NormPlug
+# from this package, which are defined above by then.
+from rescalelab.norm.bn_warmup import BnWarmup  # noqa: E402
+from rescalelab.norm.whitening import Whitening  # noqa: E402
+
+__all__ = ["BatchNorm", "BnWarmup", "NoNorm", "NormPlug", "Whitening"]
