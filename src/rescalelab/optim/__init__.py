@@ -7,14 +7,15 @@ rescalelab consumes to build parameter groups before the optimizer is instantiat
   layer multiplied by 1/sqrt(share × fanin), the lecture's fan-in heuristic);
 * ``decay_exclude``: when true, biases and normalization parameters get no weight decay.
 
-A ``schedule`` config is a ``_partial_`` factory ``f(optimizer) -> LRScheduler`` plus
-``interval`` (``step`` or ``epoch``), also consumed here.
+A ``schedule`` config is a ``_partial_`` factory ``f(optimizer) -> LRScheduler`` (see
+:mod:`rescalelab.optim.schedules`) plus ``interval`` (``step`` or ``epoch``) and ``frequency``, also consumed here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +25,7 @@ from rescalelab.errors import ConfigError
 from rescalelab.models.geometry import LayerGeometry, rescalable_layers
 
 OPTIM_KEYS = ("layer_scale", "decay_exclude")
+SCHEDULE_KEYS = ("interval", "frequency")
 LAYER_SCALES = ("none", "fanin")
 
 
@@ -107,11 +109,45 @@ def build_optimizer(
     return instantiate(ctor)(groups)
 
 
-def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Instantiate ``cfg`` (a partial scheduler factory) in Lightning's scheduler-dict form."""
-    own, ctor = _split(cfg, ("interval", "frequency"))
+def build_scheduler(
+    cfg: DictConfig,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int | float | None = None,
+    total_epochs: int | None = None,
+) -> dict[str, Any]:
+    """Instantiate ``cfg`` (a partial scheduler factory) in Lightning's scheduler-dict form.
+
+    ``total_steps`` / ``total_epochs`` (the run's length, known once a trainer exists) fill a
+    ``period: null`` key (``schedule=cosine``) in the schedule's own unit. Schedules that watch
+    the training loss (``schedule=halving schedule.mode=plateau``) are stepped like the others:
+    they receive the loss of every step through :func:`observe_loss`, not through Lightning's
+    ``monitor`` (which only sees the steps that are logged).
+    """
+    own, ctor = _split(cfg, SCHEDULE_KEYS)
     interval = own.get("interval", "step")
     if interval not in ("step", "epoch"):
         raise ConfigError(f"schedule.interval={interval} is invalid: expected 'step' or 'epoch'")
+    if "period" in ctor and ctor.period is None:
+        length = total_steps if interval == "step" else total_epochs
+        ok = length is not None and 0 < length < float("inf")
+        ctor.period = int(length) if ok else None
     scheduler = instantiate(ctor)(optimizer)
-    return {"scheduler": scheduler, "interval": interval, "frequency": int(own.get("frequency", 1))}
+    return {
+        "scheduler": scheduler, "interval": interval, "frequency": int(own.get("frequency", 1)),
+        "reduce_on_plateau": False,  # SmoothedPlateau observes the loss itself
+    }  # fmt: skip
+
+
+def observe_loss(trainer: pl.Trainer, loss: torch.Tensor) -> None:
+    """Hand this step's training loss to every schedule that watches it (``observe(loss)``).
+
+    Costs nothing unless such a schedule is configured; under DDP the value is the mean over
+    ranks, so that every rank takes the same decision.
+    """
+    watchers = [
+        c.scheduler for c in trainer.lr_scheduler_configs if hasattr(c.scheduler, "observe")
+    ]
+    if watchers:
+        value = trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+        for scheduler in watchers:
+            scheduler.observe(value)

@@ -1,21 +1,177 @@
 """Stepsize schedules as multipliers of each parameter group's base stepsize.
 
-Every schedule here is a ``LambdaLR`` whose factor multiplies the group's initial lr, so the
-per-layer scales of ``optim.layer_scale`` survive any schedule. ``k`` counts optimizer steps
-from 0 (or epochs with ``interval: epoch``).
+Every schedule here multiplies each group's *initial* lr by the same factor, so the per-layer
+scales of ``optim.layer_scale`` survive any schedule: group ``l`` uses
+``α_k · (share_l × fanin_l)^(-1/2)``. ``k`` counts scheduler steps from 0 (optimizer steps, or
+epochs with ``interval: epoch``); ``α_0 = optim.lr`` is the first stepsize used.
+
+* ``constant``  α_k = α                                          (Theorem 4.6)
+* ``halving``   α_k = α · 2^(-⌊k/T⌋), or ÷2 whenever the smoothed training loss stops decreasing
+* ``inverse``   α_k = β/(γ + k + 1), β = α(γ + 1)                 (Theorem 4.7, BCN's k = ours + 1)
+* ``cosine``    α_k = α · (m + (1 − m) · ½(1 + cos(π k/P)))       (P = the whole run by default)
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+
+from rescalelab.errors import ConfigError
+
+HALVING_MODES = ("every", "plateau")
 
 
-class _Constant:
+class ConstantFactor:
+    """Factor 1: α_k = α."""
+
     def __call__(self, k: int) -> float:
         return 1.0
 
 
+class HalvingFactor:
+    """Factor 2^(-⌊k/T⌋): the stepsize is divided by 2 every ``every`` = T steps."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def __call__(self, k: int) -> float:
+        return 0.5 ** (k // self.every)
+
+
+class InverseFactor:
+    """Factor (γ+1)/(γ+1+k), so that α_k = β/(γ + k + 1) with β = α_0 (γ + 1).
+
+    In BCN's numbering (first step k = 1) this is Theorem 4.7's α_k = β/(γ + k).
+    """
+
+    def __init__(self, gamma: float) -> None:
+        self.gamma = gamma
+
+    def __call__(self, k: int) -> float:
+        return (self.gamma + 1.0) / (self.gamma + 1.0 + k)
+
+
+class CosineFactor:
+    """Factor m + (1 − m)·½(1 + cos(π min(k, P)/P)): from 1 down to ``min_factor`` = m at k = P."""
+
+    def __init__(self, period: int, min_factor: float = 0.0) -> None:
+        self.period, self.min_factor = period, min_factor
+
+    def __call__(self, k: int) -> float:
+        t = min(k, self.period) / self.period
+        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class SmoothedPlateau(ReduceLROnPlateau):
+    """Divide every group's stepsize by 2 when the *smoothed* training loss stops decreasing.
+
+    The training loss ℓ_k of each step arrives through :meth:`observe` (the LightningModule
+    calls ``rescalelab.optim.observe_loss``). It is noisy under SG, so the decision uses its
+    exponential moving average ℓ̄_k = (1 − ρ) ℓ̄_{k−1} + ρ ℓ_k (``smoothing`` = ρ): when ℓ̄ has
+    not gone below its best value by a relative ``threshold`` for ``patience`` steps, α ← α/2
+    for every group (so the per-layer ratios stay). Non-finite losses leave ℓ̄ unchanged.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        smoothing: float = 0.01,
+        patience: int = 1000,
+        threshold: float = 1e-3,
+        min_lr: float = 0.0,
+    ) -> None:
+        if not 0 < smoothing <= 1:
+            raise ConfigError(
+                f"schedule.smoothing={smoothing} is invalid: expected a number in (0, 1]"
+            )
+        if not isinstance(patience, int) or patience < 0:
+            raise ConfigError(f"schedule.patience={patience} is invalid: expected an integer >= 0")
+        super().__init__(
+            optimizer, mode="min", factor=0.5, patience=patience, threshold=threshold,
+            threshold_mode="rel", min_lr=min_lr,
+        )  # fmt: skip
+        self.smoothing = smoothing
+        self.smoothed: float | None = None
+        self._pending: list[torch.Tensor | float] = []
+
+    def observe(self, loss: torch.Tensor | float) -> None:
+        """Record the training loss of the step about to be taken."""
+        self._pending.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+
+    def step(self, metrics: float | None = None, epoch: int | None = None) -> None:  # type: ignore[override]
+        """Fold the observed losses (or ``metrics``) into ℓ̄, then let ReduceLROnPlateau decide."""
+        values = [float(v) for v in self._pending] if metrics is None else [float(metrics)]
+        self._pending = []
+        for value in values:
+            if math.isfinite(value):
+                rho = self.smoothing
+                prev = self.smoothed
+                self.smoothed = value if prev is None else (1 - rho) * prev + rho * value
+        if self.smoothed is None:
+            self.last_epoch += 1
+            return
+        super().step(self.smoothed)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.pop("_pending", None)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._pending = []
+
+
 def constant(optimizer: torch.optim.Optimizer) -> LambdaLR:
     """α_k = α: the fixed stepsize of Theorem 4.6."""
-    return LambdaLR(optimizer, _Constant())
+    return LambdaLR(optimizer, ConstantFactor())
+
+
+def halving(
+    optimizer: torch.optim.Optimizer,
+    mode: str = "every",
+    every: int = 1000,
+    smoothing: float = 0.01,
+    patience: int = 1000,
+    threshold: float = 1e-3,
+) -> LambdaLR | SmoothedPlateau:
+    """α ÷ 2 every ``every`` steps (``mode=every``), or on a plateau of the smoothed training
+    loss (``mode=plateau``, see :class:`SmoothedPlateau`): BCN's halving strategy (4.17–4.18)."""
+    if mode not in HALVING_MODES:
+        raise ConfigError(f"schedule.mode={mode} is invalid: expected one of {HALVING_MODES}")
+    if mode == "every":
+        if not isinstance(every, int) or every < 1:
+            raise ConfigError(f"schedule.every={every} is invalid: expected an integer >= 1")
+        return LambdaLR(optimizer, HalvingFactor(every))
+    return SmoothedPlateau(optimizer, smoothing=smoothing, patience=patience, threshold=threshold)
+
+
+def inverse(optimizer: torch.optim.Optimizer, gamma: float = 391.0) -> LambdaLR:
+    """α_k = β/(γ + k + 1) with β = α_0(γ + 1): Theorem 4.7's diminishing stepsize.
+
+    ``optim.lr`` is α_0, the first stepsize; pick γ = β/α_0 − 1 for a target β (BCN recommend
+    β = 2/(cμ) and α_0 = μ/(L M_G)). The 1/k rate needs β c μ > 1 (2βc > 1 on quadratics).
+    """
+    if not gamma >= 0:
+        raise ConfigError(f"schedule.gamma={gamma} is invalid: expected a number >= 0")
+    return LambdaLR(optimizer, InverseFactor(float(gamma)))
+
+
+def cosine(
+    optimizer: torch.optim.Optimizer, period: int | None = None, min_factor: float = 0.0
+) -> LambdaLR:
+    """α_k = α (m + (1 − m)·½(1 + cos(πk/P))), constant at α·m after P steps.
+
+    ``period`` = P defaults to the length of the run (filled in by ``build_scheduler``).
+    """
+    if period is None:
+        period = 1  # only a dry build (before the run length is known) gets here
+    if not isinstance(period, int) or period < 1:
+        raise ConfigError(f"schedule.period={period} is invalid: expected an integer >= 1")
+    if not 0 <= min_factor <= 1:
+        raise ConfigError(
+            f"schedule.min_factor={min_factor} is invalid: expected a number in [0, 1]"
+        )
+    return LambdaLR(optimizer, CosineFactor(period, float(min_factor)))
