@@ -4,17 +4,29 @@
 and the experiment (so parallel jobs never race on a fresh SQLite file) and the parent run, and
 leaves the parent's id in ``<sweep dir>/mlflow_parent.json`` where every job (same process,
 joblib worker or SLURM task) finds it.
+
+The swept keys are those of the command line's sweep overrides (``optim.lr=0.1,0.2``) *and*
+of ``hydra.sweeper.params`` (what presets and ``hparams_search`` configs sweep); they name the
+children and define the report's configurations.
+
+When the multirun ends, the sweep report (:mod:`rescalelab.tracking.report`) is logged to the
+parent, which ends ``FINISHED``, or ``FAILED`` when a job raised. Hydra does not call
+``on_multirun_end`` when a job raised (the sweeper re-raises the job's exception), so the parent
+is also closed from an ``atexit`` hook: ``FAILED`` after an exception, ``KILLED`` after Ctrl-C.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -22,9 +34,49 @@ from omegaconf import DictConfig, OmegaConf
 from rescalelab.tracking.run import PARENT_FILE
 from rescalelab.tracking.store import ensure_experiment
 
+FAILED_FILE = "failed_jobs.txt"  # one line per job that raised, written by the job's process
+
+
+def swept_keys(cli_overrides: list[str], sweeper_params: dict[str, Any] | None) -> list[str]:
+    """Keys that take several values in this sweep, as the sweepers combine them.
+
+    ``hydra.sweeper.params`` (``{"seed": "0,1,2"}``; optuna's ``interval(…)``, ``tag(log, …)``)
+    come first and the command line's overrides replace them key by key
+    (``optim.lr=0.1,1`` narrows a preset's grid; ``seed=0`` stops sweeping the seed).
+    """
+    parser = OverridesParser.create()
+    sweeps: dict[str, bool] = {}
+    candidates = [f"{k}={v}" for k, v in (sweeper_params or {}).items()] + list(cli_overrides)
+    for text in candidates:
+        try:
+            (override,) = parser.parse_overrides([text])
+        except Exception:  # not parseable as an override: nothing to name children by
+            continue
+        sweeps[override.key_or_group] = override.is_sweep_override()
+    return [k for k, is_sweep in sweeps.items() if is_sweep]
+
+
+def parent_status(multirun_ended: bool, failed_jobs: int, last_exception: object) -> str:
+    """``FINISHED`` only when the multirun ended normally and no job raised."""
+    if isinstance(last_exception, KeyboardInterrupt):
+        return "KILLED"
+    if not multirun_ended or failed_jobs:
+        return "FAILED"
+    return "FINISHED"
+
 
 class MlflowSweepCallback(Callback):
-    """Parent run per multirun; FINISHED when the sweep ends (FAILED if a job raised)."""
+    """Parent run per multirun; the sweep report at the end; FINISHED, or FAILED if a job raised.
+
+    ``report``: build and log the sweep report when the multirun ends (``true`` by default).
+    ``report_metric``: the metric of the report's curves and tuning curves.
+    """
+
+    def __init__(self, report: bool = True, report_metric: str = "train/loss") -> None:
+        self.report, self.report_metric = report, report_metric
+        self._parent: tuple[str, str] | None = None
+        self._sweep_dir: Path | None = None
+        self._closed = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # The launcher sets this too, later; resolving hydra.sweep.dir (and ${paths.root},
@@ -36,6 +88,10 @@ class MlflowSweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         experiment_id = ensure_experiment(uri, name)
         overrides = list(HydraConfig.get().overrides.task)
+        params = OmegaConf.select(config, "hydra.sweeper.params")
+        params = OmegaConf.to_container(params, resolve=False) if params is not None else None
+        swept = swept_keys(overrides, params)
+        choices = OmegaConf.select(config, "hydra.runtime.choices") or {}
         client = MlflowClient(uri)
         run = client.create_run(
             experiment_id,
@@ -44,11 +100,14 @@ class MlflowSweepCallback(Callback):
                 "rescalelab.sweep": "parent",
                 "rescalelab.overrides": " ".join(overrides),
                 "rescalelab.sweep_dir": str(sweep_dir.resolve()),
+                "rescalelab.swept_keys": json.dumps(swept),
+                "rescalelab.sweeper_params": json.dumps(params or {}),
+                "rescalelab.experiment": str(choices.get("experiment") or ""),
+                "rescalelab.launcher": str(choices.get("hydra/launcher") or ""),
+                "rescalelab.sweeper": str(choices.get("hydra/sweeper") or ""),
                 "mlflow.source.name": "rescalelab-train -m",
             },
         )
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
         (sweep_dir / PARENT_FILE).write_text(
             json.dumps(
                 {
@@ -59,9 +118,49 @@ class MlflowSweepCallback(Callback):
                 }
             )
         )
-        self._parent = (uri, run.info.run_id)
+        self._parent, self._sweep_dir, self._closed = (uri, run.info.run_id), sweep_dir, False
+        atexit.register(self._close_at_exit)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        """Runs in the job's process (a joblib worker, too): record a job that raised."""
+        if job_return.status != JobStatus.FAILED:
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        line = f"{config.hydra.job.num}\t{' '.join(job_return.overrides or [])}\n"
+        with open(sweep_dir / FAILED_FILE, "a") as f:  # one short append per failed job
+            f.write(line)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if getattr(self, "_parent", None):
-            uri, run_id = self._parent
-            MlflowClient(uri).set_terminated(run_id, "FINISHED")
+        self._close(multirun_ended=True)
+
+    def _close_at_exit(self) -> None:
+        if not self._closed:
+            # An uncaught exception (Ctrl-C) is left in sys.last_exc / sys.last_value.
+            last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+            self._close(multirun_ended=False, last_exception=last)
+
+    def _failed_jobs(self) -> list[str]:
+        path = self._sweep_dir / FAILED_FILE if self._sweep_dir else None
+        return path.read_text().splitlines() if path and path.exists() else []
+
+    def _close(self, multirun_ended: bool, last_exception: object = None) -> None:
+        if self._parent is None or self._closed:
+            return
+        self._closed = True
+        uri, run_id = self._parent
+        client = MlflowClient(uri)
+        failed = self._failed_jobs()
+        status = parent_status(multirun_ended, len(failed), last_exception)
+        client.set_tag(run_id, "rescalelab.failed_jobs", str(len(failed)))
+        # aborted: the sweeper stopped early (a job raised, or exited: a ConfigError exits 2)
+        client.set_tag(run_id, "rescalelab.sweep_end", "completed" if multirun_ended else "aborted")
+        if self.report and status != "KILLED":
+            # Imported here: matplotlib and pandas are only needed once the sweep is over.
+            from rescalelab.tracking.report import log_report
+
+            try:
+                log_report(uri, run_id, metric=self.report_metric)
+            except Exception as e:  # a report problem must not hide the sweep's own outcome
+                client.set_tag(run_id, "rescalelab.report", f"failed: {type(e).__name__}: {e}")
+                print(f"warning: the sweep report failed: {e}", file=sys.stderr)
+        client.set_terminated(run_id, status)

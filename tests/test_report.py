@@ -1,0 +1,211 @@
+"""The sweep report: its math in-process, and the report of a real MLflow store built by hand.
+
+The store test writes a sweep whose numbers are chosen so that every reported quantity (final
+epoch means, medians over seeds, best stepsize, 2x range and its width, diverged counts) follows
+from a formula, then checks what ``log_report`` logged to the parent run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric, Param, RunTag
+
+from rescalelab.tracking.report import (
+    Child,
+    aggregate_curves,
+    epoch_curve,
+    log_report,
+    method_table,
+    quartiles,
+    range_within,
+    training_panels,
+)
+from rescalelab.tracking.report import (
+    main as report_main,
+)
+from rescalelab.tracking.store import ensure_experiment
+from tests.helpers import cli_env, client, tracking_uri
+
+INF = math.inf
+
+
+def test_quartiles_treat_diverged_as_worst_and_drop_nan():
+    assert quartiles([1.0, 2.0, 3.0, 4.0]) == pytest.approx((1.75, 2.5, 3.25))
+    q1, med, q3 = quartiles([1.0, 2.0, INF])
+    assert (q1, med, q3) == (pytest.approx(1.5), pytest.approx(2.0), INF)
+    assert quartiles([INF, INF]) == (INF, INF, INF)
+    assert quartiles([math.nan, 3.0]) == (3.0, 3.0, 3.0)
+    assert all(math.isnan(v) for v in quartiles([]))
+
+
+def test_range_within_two_times_the_best_is_contiguous_on_the_grid():
+    lrs = [1.0, 0.01, 0.1, 0.3, 0.03]  # any order
+    values = {0.01: 4.0, 0.03: 1.5, 0.1: 1.0, 0.3: 1.9, 1.0: INF}
+    best_lr, best, lo, hi, width = range_within(lrs, [values[a] for a in lrs])
+    assert (best_lr, best, lo, hi) == (0.1, 1.0, 0.03, 0.3)
+    assert width == pytest.approx(math.log10(0.3 / 0.03))
+    # A point within 2x that is cut off by a worse one does not widen the range.
+    best_lr, best, lo, hi, width = range_within([0.01, 0.1, 1.0], [1.2, 5.0, 1.0])
+    assert (best_lr, lo, hi, width) == (1.0, 1.0, 1.0, 0.0)
+    assert all(math.isnan(v) for v in range_within([0.1, 1.0], [INF, math.nan]))
+
+
+def test_epoch_curve_averages_the_logged_steps_of_each_epoch():
+    history = [(1, 4.0), (3, 2.0), (5, 1.0), (7, 3.0), (8, 9.0)]
+    epochs = [(1, 0.0), (3, 0.0), (5, 1.0), (7, 1.0), (7, 1.0)]  # step 8: after the last known
+    curve, unit = epoch_curve(history, epochs)
+    assert unit == "epoch"
+    assert curve == [(0.0, 3.0), (1.0, pytest.approx((1.0 + 3.0 + 9.0) / 3))]
+    raw, unit = epoch_curve(history, [])
+    assert unit == "step" and raw == [(1.0, 4.0), (3.0, 2.0), (5.0, 1.0), (7.0, 3.0), (8.0, 9.0)]
+
+
+def test_aggregate_curves_median_and_band_over_seeds():
+    agg = aggregate_curves([[(0, 1.0), (1, 0.5)], [(0, 3.0), (1, math.nan)], [(0, 2.0)]])
+    assert agg[0].tolist() == [0.0, 1.5, 2.0, 2.5]
+    assert agg[1, 0] == 1.0 and agg[1, 2] == INF  # median of {0.5, diverged}
+
+
+def _child(method: str, lr: float, seed: int, final: float, tag: str = "") -> Child:
+    swept = {"method": method, "optim.lr": str(lr), "seed": str(seed)}
+    return Child(f"{method}{lr}{seed}", "n", "FINISHED", tag, swept, lr, 1.0, curve=[(0, final)])
+
+
+def test_methods_and_panels_group_by_method_config_and_seed():
+    kids = [_child("a", lr, s, v + s) for lr, v in ((0.1, 1.0), (1.0, 3.0)) for s in (0, 1, 2)]
+    kids += [_child("b", 0.1, 0, 0.7, tag="diverged"), _child("b", 1.0, 0, 0.9)]
+    rows = {r["method"]: r for r in method_table(kids)}
+    assert rows["method=a"]["best_lr"] == 0.1 and rows["method=a"]["best_final"] == 2.0
+    assert rows["method=a"]["lr_hi_2x"] == 1.0  # median 4.0 <= 2 * 2.0
+    b = rows["method=b"]
+    assert (b["diverged"], b["best_lr"], b["best_final"], b["lr_lo_2x"]) == (1, 1.0, 0.9, 1.0)
+    panels = training_panels(kids, list(rows.values()))
+    titles = [t for t, _ in panels]
+    assert titles == ["each method at its best stepsize α*", "method=a", "method=b"]
+    (label, curves), *_ = panels[0][1]
+    assert label == "method=a α*=0.1" and len(curves) == 3
+
+
+# The hand-made sweep: final-epoch value F of (method, lr) plus 0.01 x seed; b at lr=1 diverges
+# for seed 2 only.
+F = {("a", 0.01): 2.0, ("a", 0.1): 1.0, ("a", 1.0): 1.5, ("b", 0.01): 0.5, ("b", 0.1): 3.0,
+     ("b", 1.0): 5.0}  # fmt: skip
+LRS, SEEDS = (0.01, 0.1, 1.0), (0, 1, 2)
+
+
+def _make_sweep(root) -> tuple[str, dict[tuple[str, float, int], str]]:
+    uri = tracking_uri(root)
+    c = client(root)
+    exp = ensure_experiment(uri, "report_test")
+    swept = ["method", "optim.lr", "seed"]
+    parent = c.create_run(
+        exp,
+        run_name="report_test sweep",
+        tags={"rescalelab.sweep": "parent", "rescalelab.swept_keys": json.dumps(swept)},
+    ).info.run_id
+    ids, now, num = {}, int(time.time() * 1000), 0
+    for (method, lr), value in F.items():
+        for seed in SEEDS:
+            final = value + 0.01 * seed
+            diverged = (method, lr, seed) == ("b", 1.0, 2)
+            overrides = f"method={method} optim.lr={lr} seed={seed} paths.root={root}"
+            run = c.create_run(
+                exp,
+                run_name=f"method={method} optim.lr={lr} seed={seed} #{num}",
+                tags={"mlflow.parentRunId": parent, "rescalelab.overrides": overrides},
+            ).info.run_id
+            # Epoch 0 (steps 1, 3): F + 1; epoch 1 (steps 5, 7): F -/+ 0.1, mean F.
+            losses = [final + 1, final + 1, final - 0.1, final + 0.1]
+            if diverged:
+                losses[2:] = [math.nan, math.nan]
+            metrics = [Metric("train/loss", v, now, s) for v, s in zip(losses, (1, 3, 5, 7))]
+            metrics += [Metric("epoch", e, now, s) for e, s in ((0, 1), (0, 3), (1, 5), (1, 7))]
+            metrics += [Metric("val/loss", final + 0.2, now, 7), Metric("val/acc", 0.5, now, 7)]
+            c.log_batch(
+                run,
+                metrics=metrics,
+                params=[Param("optim.lr", str(lr)), Param("seed", str(seed))],
+                tags=[RunTag("rescalelab.status", "diverged")] if diverged else [],
+            )
+            c.set_terminated(run, "FAILED" if diverged else "FINISHED")
+            ids[(method, lr, seed)] = run
+            num += 1
+    return parent, ids
+
+
+def _csv(root, run_id: str, path: str) -> list[dict[str, str]]:
+    local = client(root).download_artifacts(run_id, path, str(root))
+    with open(local) as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_of_a_store_sweep_has_the_tables_figures_and_numbers(root):
+    parent, ids = _make_sweep(root)
+    report = log_report(tracking_uri(root), parent)
+    c = client(root)
+    files = {a.path for a in c.list_artifacts(parent, "report")}
+    assert files == {
+        "report/children.csv", "report/children.html", "report/methods.csv",
+        "report/report.html", "report/training_curves.png", "report/tuning_curves.png",
+    }  # fmt: skip
+    assert len(report.children) == 18
+    for png in ("training_curves.png", "tuning_curves.png"):
+        local = c.download_artifacts(parent, f"report/{png}", str(root))
+        data = Path(local).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+    methods = {r["method"]: r for r in _csv(root, parent, "report/methods.csv")}
+    a, b = methods["method=a"], methods["method=b"]
+    # median over seeds = F + 0.01; a: best 1.01 at 0.1, and 2.01, 1.51 <= 2.02: 2 decades.
+    assert float(a["best_lr"]) == 0.1 and float(a["best_final"]) == pytest.approx(1.01)
+    assert (float(a["lr_lo_2x"]), float(a["lr_hi_2x"])) == (0.01, 1.0)
+    assert float(a["width_decades_2x"]) == pytest.approx(2.0)
+    assert a["diverged"] == "0" and a["runs"] == "9"
+    # b: best 0.51 at 0.01; 3.01 > 1.02 cuts the range: width 0; one diverged seed.
+    assert float(b["best_lr"]) == 0.01 and float(b["best_final"]) == pytest.approx(0.51)
+    assert float(b["width_decades_2x"]) == 0.0 and b["diverged"] == "1"
+
+    rows = _csv(root, parent, "report/children.csv")
+    assert len(rows) == 18
+    by_id = {r["run_id"]: r for r in rows}
+    row = by_id[ids[("a", 0.1, 2)]]
+    assert (row["method"], row["optim.lr"], row["seed"]) == ("method=a", "0.1", "2")
+    assert float(row["final_epoch_train/loss"]) == pytest.approx(1.02)
+    assert float(row["best_train/loss"]) == pytest.approx(1.02 - 0.1)
+    assert float(row["final_val/loss"]) == pytest.approx(1.22)
+    bad = by_id[ids[("b", 1.0, 2)]]
+    assert (bad["status"], bad["rescalelab.status"]) == ("FAILED", "diverged")
+    tags = c.get_run(parent).data.tags
+    assert tags["rescalelab.report"] == "report/report.html"
+    assert tags["rescalelab.best"] == "method=b optim.lr=0.01: final train/loss 0.5"
+    html = Path(c.download_artifacts(parent, "report/report.html", str(root))).read_text()
+    assert html.count("data:image/png;base64,") == 2 and "width_decades_2x" in html
+
+
+def test_report_cli_on_demand_by_run_id_and_bad_targets(root, capsys):
+    parent, _ = _make_sweep(root)
+    ok = subprocess.run(
+        [sys.executable, "-m", "rescalelab.tracking.report", parent,
+         "--tracking-uri", tracking_uri(root), "--out", str(root / "rep")],
+        capture_output=True, text=True, env=cli_env(), timeout=300,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "report of 18 runs logged" in ok.stdout
+    assert "method=a: best final train/loss 1.01 at lr=0.1, 2x range 2.00 decades" in ok.stdout
+    assert (root / "rep" / "tuning_curves.png").exists()
+    assert len((root / "rep" / "methods.csv").read_text().splitlines()) == 3
+    # Bad targets, in-process (the same main()): one line, non-zero exit.
+    with pytest.raises(SystemExit, match="neither a sweep directory nor a run id"):
+        report_main(["not-a-run", "--tracking-uri", tracking_uri(root)])
+    with pytest.raises(SystemExit, match="has no mlflow_parent.json"):
+        report_main([str(root)])
+    assert report_main(["0" * 32, "--tracking-uri", tracking_uri(root)]) == 1
+    assert capsys.readouterr().err.startswith("error: MlflowException: Run with id=000")

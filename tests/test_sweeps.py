@@ -1,0 +1,257 @@
+"""Sweeps as experiments: parent runs, presets, the report at the end, failures, joblib, Optuna.
+
+Real CLI subprocesses into real SQLite stores, read back with MlflowClient.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+import rescalelab
+from rescalelab.gpu_slots import GpuPerWorker, claim_gpu
+from rescalelab.tracking.sweep import parent_status, swept_keys
+from rescalelab.validate import validate
+from tests.helpers import TINY, all_runs, assert_ok, child_runs, client, history, run_cli
+
+CONF = Path(rescalelab.__file__).parent / "conf"
+BASE = ["paths.root=/tmp/rescalelab-compose", "paths.output_dir=/tmp/rescalelab-compose/out"]
+
+
+def _compose(*overrides: str):
+    with initialize_config_module("rescalelab.conf", version_base="1.3"):
+        return compose("train", overrides=[*BASE, *overrides], return_hydra_config=True)
+
+
+def _parent(root: Path, experiment: str = "rescalelab"):
+    (parent,) = [
+        r for r in all_runs(root, experiment) if r.data.tags.get("rescalelab.sweep") == "parent"
+    ]
+    return parent
+
+
+def _report_rows(root: Path, run_id: str, name: str = "children.csv") -> list[dict[str, str]]:
+    local = client(root).download_artifacts(run_id, f"report/{name}", str(root))
+    with open(local) as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+def test_swept_keys_combine_sweeper_params_and_the_command_line():
+    params = {"method": "sg,bn", "optim.lr": "0.1,1", "seed": "0,1,2", "trainer.max_epochs": 3}
+    assert swept_keys(["norm.momentum=0.1,0.2", "data=synthetic"], params) == [
+        "method", "optim.lr", "seed", "norm.momentum",
+    ]  # fmt: skip
+    # The command line replaces a preset's sweep key by key: seed=0 stops sweeping the seed.
+    assert swept_keys(["seed=0", "optim.lr=0.5,1"], params) == ["method", "optim.lr"]
+    assert swept_keys([], {"optim.lr": "tag(log, interval(0.001, 1.0))"}) == ["optim.lr"]
+    assert parent_status(True, 0, None) == "FINISHED"
+    assert parent_status(True, 1, None) == "FAILED"
+    assert parent_status(False, 0, RuntimeError()) == "FAILED"
+    assert parent_status(False, 0, KeyboardInterrupt()) == "KILLED"
+
+
+PRESET_SWEEPS = {
+    "paper_cifar10": {"method": "sg,sg_fanin,bn,whitening", "optim.lr": "0.01,0.03,0.1,0.3,1,3"},
+    "paper_imagenet_10pct": {"method": "bn,whitening", "optim.lr": "0.01,0.1,1"},
+    "bn_warmup": {"norm.warmup_epochs": "0,1,2,3"},
+    "tuning": {
+        "method": "sg,sg_fanin,bn,whitening,rmsprop,adam,adagrad",
+        "optim.lr": "0.0001,0.0003,0.001,0.003,0.01,0.03,0.1,0.3,1,3,10",
+        "seed": "0,1,2",
+    },
+}
+PRESET_DATA = {"paper_cifar10": "CIFAR10", "paper_imagenet_10pct": "ImageNetSubset",
+               "bn_warmup": "CIFAR10", "tuning": "CIFAR10"}  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_SWEEPS))
+def test_lecture_presets_sweep_their_grid_and_run_on_small_data(preset):
+    cfg = _compose(f"experiment={preset}")
+    assert OmegaConf.to_container(cfg.hydra.sweeper.params) == PRESET_SWEEPS[preset]
+    assert cfg.data._target_.endswith(PRESET_DATA[preset])
+    assert cfg.logger.experiment_name == preset
+    for data in ("synthetic", "digits"):  # the quick look: every preset on small data
+        small = _compose(f"experiment={preset}", f"data={data}")
+        validate(small)
+        assert small.data._target_ == _compose(f"data={data}").data._target_
+
+
+METHODS = {
+    "sg": ("NoNorm", "SGD", "none"), "sg_fanin": ("NoNorm", "SGD", "fanin"),
+    "bn": ("BatchNorm", "SGD", "none"), "whitening": ("Whitening", "SGD", "none"),
+    "bn_warmup": ("BnWarmup", "SGD", "none"), "rmsprop": ("NoNorm", "RMSprop", "none"),
+    "adam": ("NoNorm", "Adam", "none"), "adagrad": ("NoNorm", "Adagrad", "none"),
+}  # fmt: skip
+
+
+def test_method_presets_set_norm_optimizer_and_layer_scale():
+    assert sorted(p.stem for p in (CONF / "method").glob("*.yaml")) == sorted(METHODS)
+    for method, (norm, optim, scale) in METHODS.items():
+        cfg = _compose(f"method={method}")
+        validate(cfg)
+        assert (cfg.norm._target_.rsplit(".", 1)[1], cfg.optim._target_.rsplit(".", 1)[1]) == (
+            norm, optim,
+        ), method  # fmt: skip
+        assert cfg.optim.layer_scale == scale
+    # The command line still wins over a method's choices.
+    assert _compose("method=bn", "norm=none").norm._target_.endswith("NoNorm")
+
+
+def test_optuna_search_and_gpu_launcher_compose():
+    cfg = _compose("hparams_search=optuna_lr")
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.sweeper.params["optim.lr"] == "tag(log, interval(0.001, 1.0))"
+    assert cfg.hydra.sweeper.direction == "minimize" and cfg.optimized_metric == "val/loss"
+    cfg = _compose("hydra/launcher=joblib_gpus")
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    assert cfg.hydra.launcher.n_jobs == -1
+    assert cfg.hydra.callbacks.gpu_per_worker._target_ == "rescalelab.gpu_slots.GpuPerWorker"
+    assert "mlflow_sweep" in cfg.hydra.callbacks
+
+
+def test_gpu_slots_one_gpu_per_worker_process(tmp_path):
+    slots = tmp_path / "slots"
+    assert claim_gpu(["3", "5"], slots) == "3"
+    assert claim_gpu(["3", "5"], slots) == "3"  # a worker keeps its GPU for its later jobs
+    code = (
+        "import sys; from pathlib import Path; from rescalelab.gpu_slots import claim_gpu\n"
+        "try: print(claim_gpu(sys.argv[1].split(','), Path(sys.argv[2])))\n"
+        "except RuntimeError as e: print('busy:', e)"
+    )
+    other = [sys.executable, "-c", code]
+    out = subprocess.run([*other, "3,5", str(slots)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "5"  # this process holds 3
+    out = subprocess.run([*other, "3", str(slots)], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("busy: every GPU of ['3'] is held by another worker")
+    # n_jobs: -1 becomes one worker per GPU; more workers than GPUs is refused.
+    cfg = _compose("hydra/launcher=joblib_gpus")
+    cb = GpuPerWorker(gpus=[0, 1])
+    cb.on_multirun_start(cfg)
+    assert cfg.hydra.launcher.n_jobs == 2
+    with pytest.raises(ValueError, match=r"hydra.launcher.n_jobs=3 is invalid: expected 1..2"):
+        GpuPerWorker(gpus="0,1").on_multirun_start(
+            _compose("hydra/launcher=joblib_gpus", "hydra.launcher.n_jobs=3")
+        )
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.slow
+def test_bn_warmup_preset_gives_one_parent_four_children_and_a_report(root):
+    # warm-up epochs 0..3 need at least 4 epochs (the switch happens inside training)
+    proc = run_cli(root, "-m", "experiment=bn_warmup", "data=synthetic", "trainer.max_epochs=4")
+    assert_ok(proc)
+    parent = _parent(root, "bn_warmup")
+    children = child_runs(root, "bn_warmup")
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name.startswith("bn_warmup sweep ")
+    tags = parent.data.tags
+    assert json.loads(tags["rescalelab.swept_keys"]) == ["norm.warmup_epochs"]
+    assert tags["rescalelab.experiment"] == "bn_warmup" and tags["rescalelab.failed_jobs"] == "0"
+    assert tags["rescalelab.sweep_end"] == "completed"
+    assert Path(tags["rescalelab.sweep_dir"]).is_dir()
+    assert sorted(r.info.run_name for r in children) == [
+        f"norm.warmup_epochs={k} #{k}" for k in range(4)
+    ]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert sorted(r.data.params["norm.warmup_epochs"] for r in children) == ["0", "1", "2", "3"]
+    files = {a.path for a in client(root).list_artifacts(parent.info.run_id, "report")}
+    assert {"report/children.csv", "report/report.html", "report/training_curves.png"} <= files
+    assert "report/tuning_curves.png" not in files  # no stepsize sweep: no tuning curve
+    rows = {r["run_id"]: r for r in _report_rows(root, parent.info.run_id)}
+    assert len(rows) == 4
+    for run in children:
+        row = rows[run.info.run_id]
+        # final epoch value = mean of the train/loss points logged during the last epoch
+        epochs = dict(history(root, run.info.run_id, "epoch"))
+        last = [v for s, v in history(root, run.info.run_id, "train/loss") if epochs[s] == 3]
+        assert len(last) == 4  # 8 steps per epoch, logged every 2
+        assert float(row["final_epoch_train/loss"]) == pytest.approx(sum(last) / 4)
+        assert row["norm.warmup_epochs"] == run.data.params["norm.warmup_epochs"]
+        assert float(row["final_val/loss"]) == pytest.approx(run.data.metrics["val/loss"])
+
+
+@pytest.mark.slow
+def test_a_job_that_raises_ends_the_parent_failed_with_its_report(root):
+    # monitor=nope: ModelCheckpoint raises inside fit (the child ends FAILED, the job raises).
+    proc = run_cli(root, "-m", "callbacks.checkpoint.monitor=val/loss,nope")
+    assert proc.returncode != 0
+    parent = _parent(root)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["rescalelab.failed_jobs"] == "1"
+    assert parent.data.tags["rescalelab.sweep_end"] == "aborted"  # closed by the atexit hook
+    statuses = sorted((r.info.run_name, r.info.status) for r in child_runs(root))
+    assert statuses == [
+        ("callbacks.checkpoint.monitor=nope #1", "FAILED"),
+        ("callbacks.checkpoint.monitor=val/loss #0", "FINISHED"),
+    ]
+    rows = _report_rows(root, parent.info.run_id)
+    assert sorted(r["status"] for r in rows) == ["FAILED", "FINISHED"]
+
+
+@pytest.mark.slow
+def test_joblib_sweep_with_three_workers_into_a_fresh_store_loses_nothing(tmp_path):
+    root = tmp_path  # no mlflow.db yet: the sweep callback creates and migrates it once
+    proc = run_cli(
+        root, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3",
+        "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+        "optim.lr=0.02,0.05,0.1", "seed=0,1",
+    )  # fmt: skip
+    assert_ok(proc)
+    assert "database is locked" not in proc.stdout + proc.stderr
+    parent = _parent(root)
+    children = child_runs(root)
+    assert len(children) == 6 and parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert len({r.info.run_name for r in children}) == 6
+    assert {(r.data.params["optim.lr"], r.data.params["seed"]) for r in children} == {
+        (lr, s) for lr in ("0.02", "0.05", "0.1") for s in ("0", "1")
+    }
+    for run in children:
+        assert run.info.status == "FINISHED"
+        # 512/64 = 8 steps per epoch, 2 epochs, logged every step: every point is there.
+        assert [s for s, _ in history(root, run.info.run_id, "train/loss")] == list(range(16))
+        assert [s for s, _ in history(root, run.info.run_id, "train/lr")] == list(range(16))
+        assert [s for s, _ in history(root, run.info.run_id, "val/loss")] == [7, 15]
+    # Several worker processes ran the jobs (the output dirs hold each job's own log).
+    assert len(_report_rows(root, parent.info.run_id)) == 6
+
+
+@pytest.mark.slow
+def test_optuna_trials_are_children_and_minimise_the_chosen_metric(root):
+    proc = run_cli(
+        root,
+        "hparams_search=optuna_lr",
+        "hydra.sweeper.n_trials=3",
+        "optimized_metric=train/loss",
+    )  # fmt: skip  (hydra.mode=MULTIRUN in the preset: no -m)
+    assert_ok(proc)
+    parent = _parent(root)
+    children = child_runs(root)
+    assert len(children) == 3 and parent.info.status == "FINISHED"
+    assert parent.data.tags["rescalelab.sweeper"] == "optuna"
+    assert json.loads(parent.data.tags["rescalelab.swept_keys"]) == ["optim.lr"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    lrs = [float(r.data.params["optim.lr"]) for r in children]
+    assert all(0.001 <= a <= 1.0 for a in lrs) and len(set(lrs)) == 3
+    # The sweeper minimised what the jobs returned: each job's final train/loss.
+    results = OmegaConf.load(
+        Path(parent.data.tags["rescalelab.sweep_dir"]) / "optimization_results.yaml"
+    )
+    best = min(children, key=lambda r: r.data.metrics["train/loss"])
+    assert results.best_value == pytest.approx(best.data.metrics["train/loss"], rel=1e-6)
+    assert results.best_params["optim.lr"] == pytest.approx(float(best.data.params["optim.lr"]))
+    files = {a.path for a in client(root).list_artifacts(parent.info.run_id, "report")}
+    assert "report/tuning_curves.png" in files
+    assert TINY[0] in parent.data.tags["rescalelab.overrides"]
