@@ -3,30 +3,41 @@
 The order matters: every check that can fail on bad input (config values, dataset files, model
 and data compatibility, optimizer arguments) runs *before* the MLflow run is created, so bad
 input leaves nothing in the store. Once the run exists, any exception ends it FAILED (an
-interrupt ends it KILLED) and re-raises, so what was logged stays logged.
+interrupt ends it KILLED) and re-raises, so what was logged stays logged. A diverged run ends
+FAILED, tagged ``rescalelab.status=diverged``, and the job returns normally (a sweep goes on).
+``resume=true`` reopens the run of the output directory instead of creating one (resume.py).
 """
 
 from __future__ import annotations
 
+import math
+import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 from rich.console import Console
 
+from rescalelab.distributed import check_launch
 from rescalelab.errors import ConfigError
+from rescalelab.instruments.checkpoint import Interrupted, RngState
+from rescalelab.instruments.guard import Diverged
 from rescalelab.models.geometry import layer_geometry, rescalable_layers
 from rescalelab.module import Classifier
 from rescalelab.optim import build_optimizer, build_scheduler
-from rescalelab.tracking import read_parent
-from rescalelab.validate import validate
+from rescalelab.resume import check_unchanged, plan_resume, write_run_files
+from rescalelab.tracking import TrackedRun, flatten, read_parent
+from rescalelab.tracking.resilient import PendingMetrics
+from rescalelab.validate import check_added_keys, validate
 
 console = Console(stderr=True)
 
@@ -46,6 +57,7 @@ def _build(group: str, cfg: DictConfig, **kwargs: Any) -> Any:
 def build_components(cfg: DictConfig) -> dict[str, Any]:
     """Everything a fit needs, built and checked, with no side effect on the tracking store."""
     validate(cfg)
+    check_launch(cfg)  # CUDA present, devices, nodes, launcher
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = _build("data", cfg.data)
     datamodule.prepare_data()
@@ -80,38 +92,141 @@ def build_components(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Run one job; return the final ``val/loss`` (what sweepers minimise)."""
+    """Run one job; return the optimized metric (``val/loss`` by default), what sweepers use.
+
+    A diverged run returns +inf (-inf when the sweeper maximizes), so that a sweep goes on and
+    ranks it last. ``resume=true`` continues the run of this output directory (``resume.py``).
+    """
     hc = HydraConfig.get()
-    parts = build_components(cfg)
     multirun = hc.mode == RunMode.MULTIRUN
+    output_dir = hc.runtime.output_dir
+    overrides = list(hc.overrides.task)
+    validate(cfg)  # resume and ckpt_path themselves, before they are used
+    plan = plan_resume(cfg, output_dir, overrides, multirun)
+    if plan is not None and plan.recomposed:
+        overrides = plan.overrides
+        cfg = _compose_again(hc.job.config_name or "train", overrides)
+    check_added_keys(cfg, overrides)
+    parts = build_components(cfg)
     tracking = _build("logger", cfg.logger)  # rescalelab.tracking.MlflowTracking
-    run = tracking.start(
-        cfg,
-        overrides=list(hc.overrides.task),
-        output_dir=hc.runtime.output_dir,
-        job_num=hc.job.num if multirun else None,
-        parent=read_parent(hc.sweep.dir) if multirun else None,
-        extra_params={f"data.{k}": v for k, v in parts["datamodule"].describe().items()},
+    extra_params = {f"data.{k}": v for k, v in parts["datamodule"].describe().items()}
+    metric = cfg.get("optimized_metric") or "val/loss"
+    skip: dict[str, int] = {}
+    if plan is not None and plan.run_id is not None:
+        run = tracking.reopen(plan.run_id)
+        if isinstance(run, TrackedRun):
+            done, value = _already_done(run, metric, _diverged_value(hc))
+            if done:
+                return value
+            now = flatten(OmegaConf.to_container(cfg, resolve=True))
+            now.update({k: str(v) for k, v in extra_params.items()})
+            check_unchanged(run.recorded().data.params, now)
+            skip = run.last_steps()
+            run.mark_resumed()
+    else:
+        run = tracking.start(
+            cfg,
+            overrides=overrides,
+            output_dir=output_dir,
+            job_num=hc.job.num if multirun else None,
+            parent=read_parent(hc.sweep.dir) if multirun else None,
+            extra_params=extra_params,
+        )
+        if run.run_id is not None:
+            write_run_files(output_dir, run.run_id, overrides)
+    logger = run.logger(
+        skip_through=skip, spill_path=Path(output_dir) / "undelivered_metrics.jsonl"
     )
-    trainer = _build("trainer", cfg.trainer, callbacks=parts["callbacks"], logger=run.logger())
+    callbacks = [*parts["callbacks"], RngState(), PendingMetrics()]
+    trainer = _build("trainer", cfg.trainer, callbacks=callbacks, logger=logger)
     try:
-        trainer.fit(parts["module"], datamodule=parts["datamodule"])
-    except KeyboardInterrupt:
-        run.end("KILLED")
+        trainer.fit(
+            parts["module"],
+            datamodule=parts["datamodule"],
+            ckpt_path=plan.ckpt_path if plan is not None else None,
+        )
+    except Diverged as d:
+        _finish(run, logger, "FAILED", {
+            "rescalelab.status": "diverged",
+            "rescalelab.diverged_step": str(d.step),
+            "rescalelab.diverged_loss": str(d.loss),
+            "rescalelab.diverged_reason": d.reason,
+        })  # fmt: skip
+        console.print(f"[bold red]run {run.run_id} diverged[/]: {d}", soft_wrap=True)
+        return _diverged_value(hc)
+    except Interrupted as e:
+        _finish(run, logger, "KILLED", {"rescalelab.status": "killed"})
+        console.print(
+            f"[bold yellow]{e}[/]; continue it with: rescalelab-train resume=true "
+            f"hydra.run.dir={output_dir}",
+            soft_wrap=True,
+        )
+        if e.signum == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        sys.exit(128 + e.signum)
+    except (KeyboardInterrupt, SystemExit):
+        # Lightning turns Ctrl+C into sys.exit(1); its SIGTERMException is a SystemExit.
+        _finish(run, logger, "KILLED", {"rescalelab.status": "killed"})
         raise
     except BaseException:
-        run.end("FAILED")
+        _finish(run, logger, "FAILED", {"rescalelab.status": "failed"})
         raise
     if trainer.interrupted:
-        run.end("KILLED")
+        _finish(run, logger, "KILLED", {"rescalelab.status": "killed"})
         return None
-    run.end("FINISHED")
-    console.print(
-        f"[bold green]run {run.run_id} finished[/] ({run.experiment_name})", soft_wrap=True
-    )
-    console.print(f"browse it: [bold]{run.ui_command()}[/]", soft_wrap=True)
-    val_loss = trainer.callback_metrics.get("val/loss")
-    return float(val_loss) if val_loss is not None else None
+    if getattr(tracking, "log_model", False) and isinstance(run, TrackedRun):
+        for ckpt in sorted((Path(output_dir) / "checkpoints").glob("*.ckpt")):
+            run.log_checkpoint(ckpt)
+    _finish(run, logger, "FINISHED", {"rescalelab.status": "finished"})
+    if run.run_id is not None:  # None on ranks > 0 started by torchrun/srun: rank 0 reports
+        console.print(
+            f"[bold green]run {run.run_id} finished[/] ({run.experiment_name})", soft_wrap=True
+        )
+        console.print(f"browse it: [bold]{run.ui_command()}[/]", soft_wrap=True)
+    # What sweepers (hparams_search=optuna_lr) optimise: optimized_metric, else val/loss.
+    value = trainer.callback_metrics.get(metric)
+    return float(value) if value is not None else None
+
+
+def _compose_again(config_name: str, overrides: list[str]) -> DictConfig:
+    """The config of a resumed run: its original overrides, then this command's."""
+    try:
+        return compose(config_name=config_name, overrides=overrides)
+    except HydraException as e:
+        detail = str(e).strip().splitlines()[0]
+        raise ConfigError(f"resume=true: the run's overrides no longer compose: {detail}") from None
+
+
+def _diverged_value(hc: Any) -> float:
+    direction = str(OmegaConf.select(hc, "sweeper.direction", default="minimize"))
+    return -math.inf if "maximize" in direction else math.inf
+
+
+def _already_done(run: TrackedRun, metric: str, diverged: float) -> tuple[bool, float | None]:
+    """A resumed run that finished (or diverged) is not trained again: its recorded result."""
+    recorded = run.recorded()
+    if recorded.data.tags.get("rescalelab.status") == "diverged":
+        console.print(f"run {run.run_id} diverged before: not resumed", soft_wrap=True)
+        return True, diverged
+    if recorded.info.status == "FINISHED":
+        console.print(f"run {run.run_id} already finished: nothing to resume", soft_wrap=True)
+        value = recorded.data.metrics.get(metric)
+        return True, float(value) if value is not None else None
+    return False, None
+
+
+def _finish(run: Any, logger: Any, status: str, tags: dict[str, str]) -> None:
+    """Deliver the queued metrics, tag the outcome, set the final status."""
+    close = getattr(logger, "close", None)
+    if callable(close):
+        close()
+    try:
+        if isinstance(run, TrackedRun):
+            run.set_tags(tags)
+        run.end(status)
+    except Exception as e:  # an unreachable store must not turn the outcome into a traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        console.print(f"warning: could not set run {run.run_id} to {status}: {first}")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -121,7 +236,15 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # stop the whole sweep
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":
-    main()
+    # Call the importable rescalelab.train.main, not __main__'s copy: parallel launchers
+    # (hydra/launcher=joblib) pickle the task function by reference, by its module name.
+    from rescalelab.train import main as _main
+
+    _main()

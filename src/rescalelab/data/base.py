@@ -100,19 +100,30 @@ class TensorDataModule(pl.LightningDataModule):
                 rank=rank,
                 world_size=world,
             )
+            if getattr(self, "_pending_state", None) is not None:
+                self._train.load_state_dict(self._pending_state)
         return self._train
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this as a training step takes its batch: the data position a
+        # checkpoint records is what was trained on, not what was prefetched.
+        if self.trainer is not None and self.trainer.training and self._train is not None:
+            self._train.mark_consumed()
+        return batch
 
     def val_dataloader(self) -> TensorBatches:
         assert self.tensors is not None
         rank, world = self._rank()
+        # Under DDP each rank evaluates its own contiguous slice (never empty, no sample twice);
+        # val metrics are then summed over ranks (torchmetrics), so they are the full set's.
+        n = len(self.tensors["x_val"])
+        lo, hi = rank * n // world, (rank + 1) * n // world
         return TensorBatches(
-            self.tensors["x_val"],
-            self.tensors["y_val"],
+            self.tensors["x_val"][lo:hi],
+            self.tensors["y_val"][lo:hi],
             self.val_batch_size,
             shuffle=False,
             transform=self.eval_transform(),
-            rank=rank,
-            world_size=world,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ resumable mid-epoch.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 
 import torch
@@ -47,6 +48,8 @@ class TensorBatches:
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self._start = 0  # batches of this epoch already served (restored on resume)
+        self._yielded: deque[tuple[int, int]] = deque()  # (epoch, k) served, not yet trained on
+        self._consumed: tuple[int, int] | None = None  # (epoch, batches trained on) if marked
 
     def _global_batches(self) -> int:
         n, b = len(self.x), self.batch_size * self.world_size
@@ -63,24 +66,46 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order()
-        aug = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch * 104_729 + self.rank)
+        epoch, base = self.epoch, self.seed * 7_919 + self.epoch * 104_729 + self.rank
         start, self._start = self._start, 0
+        self._yielded.clear()
         gb = self.batch_size * self.world_size
         for k in range(start, self._global_batches()):
             block = order[k * gb : (k + 1) * gb]
             idx = block[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             xb, yb = self.x[idx], self.y[idx]
             if self.transform is not None:
-                xb = self.transform(xb, aug)
-            self._served = k + 1
+                # One generator per batch, so a pass resumed at batch k draws what it would have.
+                xb = self.transform(xb, torch.Generator().manual_seed(base + k * 15_485_863))
+            self._served = (epoch, k + 1)
+            self._yielded.append((epoch, k))
             yield xb, yb
         self.epoch += 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def mark_consumed(self) -> None:
+        """The consumer started training on the oldest batch served and not yet marked.
+
+        Lightning fetches one batch ahead, so what was *served* runs ahead of what was
+        *trained on*; :class:`~rescalelab.data.base.TensorDataModule` calls this from
+        ``on_before_batch_transfer`` so that :meth:`state_dict` names the next batch to train on.
+        """
+        if self._yielded:
+            epoch, k = self._yielded.popleft()
+            self._consumed = (epoch, k + 1)
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": getattr(self, "_served", 0)}
+        """``{"epoch", "position"}`` of the next batch to train on (position 0 of the next
+        epoch once an epoch is fully consumed)."""
+        # What was trained on when the consumer marks it, else what was served.
+        epoch, position = self._consumed or getattr(self, "_served", (self.epoch, self._start))
+        if position >= self._global_batches():
+            epoch, position = epoch + 1, 0
+        return {"epoch": epoch, "position": position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self._start = int(state["epoch"]), int(state["position"])
+        self._yielded.clear()
+        self._consumed = (self.epoch, self._start)

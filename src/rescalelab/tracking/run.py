@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Param, RunTag
+from mlflow.entities import Param, Run, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import MLFlowLogger
 
 import rescalelab
+from rescalelab.errors import ConfigError
+from rescalelab.tracking.resilient import ResilientMLFlowLogger
 from rescalelab.tracking.store import ensure_experiment
 
 PARENT_FILE = "mlflow_parent.json"
@@ -75,13 +77,29 @@ def read_parent(sweep_dir: str | Path) -> dict[str, Any] | None:
 class MlflowTracking:
     """``logger=mlflow``: where runs go. ``start`` creates one job's run (see :class:`TrackedRun`)."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str = "rescalelab") -> None:
+    def __init__(
+        self, tracking_uri: str, experiment_name: str = "rescalelab", log_model: bool = False
+    ) -> None:
         self.tracking_uri, self.experiment_name = tracking_uri, experiment_name
+        self.log_model = log_model  # log the final checkpoints as artifacts (train.py)
 
-    def start(self, cfg: DictConfig, **kwargs: Any) -> TrackedRun:
-        return TrackedRun.start(
+    def start(self, cfg: DictConfig, **kwargs: Any) -> TrackedRun | ReplicaRun:
+        """One run per job: ranks that torchrun/srun started run the job too, but only global
+        rank 0 creates the run (the others get a :class:`ReplicaRun` and never touch the store)."""
+        from rescalelab.distributed import launch_rank
+
+        start = TrackedRun.start if launch_rank() == 0 else ReplicaRun.start
+        return start(
             cfg, tracking_uri=self.tracking_uri, experiment_name=self.experiment_name, **kwargs
         )
+
+    def reopen(self, run_id: str) -> TrackedRun | ReplicaRun:
+        """The existing run ``run_id``, to resume it (rank 0 only, as :meth:`start`)."""
+        from rescalelab.distributed import launch_rank
+
+        if launch_rank() != 0:
+            return ReplicaRun(self.tracking_uri, self.experiment_name)
+        return TrackedRun.reopen(self.tracking_uri, self.experiment_name, run_id)
 
 
 class TrackedRun:
@@ -158,14 +176,49 @@ class TrackedRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def logger(self) -> MLFlowLogger:
-        """A Lightning logger writing into this run (it never creates a run of its own)."""
-        return MLFlowLogger(
+    def logger(self, **options: Any) -> ResilientMLFlowLogger:
+        """A Lightning logger writing into this run (it never creates a run of its own);
+        ``options`` go to :class:`~rescalelab.tracking.resilient.ResilientMLFlowLogger`."""
+        return ResilientMLFlowLogger(
             experiment_name=self.experiment_name,
             tracking_uri=self.tracking_uri,
             run_id=self.run_id,
-            log_model=False,
+            **options,
         )
+
+    @classmethod
+    def reopen(cls, tracking_uri: str, experiment_name: str, run_id: str) -> TrackedRun:
+        """The existing run ``run_id``, to resume it (:class:`ConfigError` if the store lacks it)."""
+        client = MlflowClient(tracking_uri)
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(
+                f"resume: run {run_id} is not in logger.tracking_uri={tracking_uri}: expected "
+                "the store the run was started in"
+            ) from None
+        return cls(tracking_uri, experiment_name, run_id)
+
+    def recorded(self) -> Run:
+        """The run as the store holds it now (status, params, tags, latest metrics)."""
+        return self.client.get_run(self.run_id)
+
+    def last_steps(self) -> dict[str, int]:
+        """The last step logged for each metric: what a resumed run must not log again."""
+        keys = self.recorded().data.metrics
+        return {
+            k: max(m.step for m in self.client.get_metric_history(self.run_id, k)) for k in keys
+        }
+
+    def mark_resumed(self) -> None:
+        """Back to ``RUNNING``, with ``rescalelab.resumes`` counting the resumptions."""
+        resumes = int(self.recorded().data.tags.get("rescalelab.resumes", "0")) + 1
+        self.client.update_run(self.run_id, status="RUNNING")
+        self.set_tags({"rescalelab.resumes": str(resumes), "rescalelab.status": "running"})
+
+    def log_checkpoint(self, path: str | Path) -> None:
+        """A checkpoint file as an artifact under ``checkpoints/`` (``logger.log_model=true``)."""
+        self.client.log_artifact(self.run_id, str(path), "checkpoints")
 
     def end(self, status: str) -> None:
         """Set the final status: ``FINISHED``, ``FAILED`` or ``KILLED``."""
@@ -173,3 +226,38 @@ class TrackedRun:
 
     def ui_command(self) -> str:
         return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+
+
+class ReplicaRun:
+    """The job's run as seen by a rank other than global rank 0 of torchrun/srun-started ranks.
+
+    Every such rank runs the whole Hydra app, but only rank 0 creates the run; this stand-in
+    never touches the store (it needs no run id). Its logger has rank 0's class — so every
+    rank's trainer has the same callbacks and loggers — and rank-zero-only methods, bound to an
+    address that reaches nothing, should anything ever bypass that.
+    """
+
+    run_id: str | None = None
+
+    def __init__(self, tracking_uri: str, experiment_name: str) -> None:
+        self.tracking_uri, self.experiment_name = tracking_uri, experiment_name
+
+    @classmethod
+    def start(
+        cls, cfg: DictConfig, *, tracking_uri: str, experiment_name: str, **_: Any
+    ) -> ReplicaRun:
+        """Same signature as :meth:`TrackedRun.start`; creates nothing."""
+        return cls(tracking_uri, experiment_name)
+
+    def logger(self, **options: Any) -> ResilientMLFlowLogger:
+        # Its MlflowClient is built for an address that reaches nothing (building it for the
+        # real store would open, even create, a SQLite file); rank-zero-only methods never use it.
+        return ResilientMLFlowLogger(
+            experiment_name=self.experiment_name,
+            tracking_uri="http://replica-rank.invalid",
+            run_id="",
+            **options,
+        )
+
+    def end(self, status: str) -> None:
+        """Rank 0 sets the status."""
