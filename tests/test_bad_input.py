@@ -26,6 +26,7 @@ CONF = Path(__file__).resolve().parents[1] / "src" / "rescalelab" / "conf"
 # (overrides, text the error must contain). {data}: a folder of dataset fixtures (see below).
 CASES: list[tuple[list[str], str]] = [
     (["optim.lr=-1"], "error: optim.lr=-1 is invalid: expected a number > 0"),
+    (["+model.num_classes=5"], "model.num_classes=5 is invalid: the data (SyntheticImages) has 10 classes"),
     (["optim.lr=0"], "optim.lr=0 is invalid: expected a number > 0"),
     (["optim.lr=fast"], "optim.lr='fast' is invalid: expected a number > 0"),
     (["data.batch_size=0"], "data.batch_size=0 is invalid: expected an integer > 0"),

@@ -301,6 +301,13 @@ def test_cli_prepares_a_cache_then_trains_alexnet_on_it_and_on_the_raw_folder(fo
         assert (p["data.num_train"], p["data.num_val"], p["data.num_classes"]) == ("19", "12", "4")
     for r in runs:  # 19 // 8 = 2 steps per epoch, 2 epochs
         assert r.data.metrics["train/loss"] > 0 and "val/acc" in r.data.metrics
+    # The exact file list of the subset is an artifact of each run.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    for r in runs:
+        local = client.download_artifacts(r.info.run_id, "data/subset_files.tsv", str(root))
+        assert len(Path(local).read_text().strip().splitlines()) >= 31
 
 
 def test_prepare_command_reports_reuse_and_refuses_another_subset(folder, tmp_path, capsys):

@@ -37,7 +37,7 @@ from rescalelab.optim import build_optimizer, build_scheduler
 from rescalelab.resume import check_unchanged, plan_resume, write_run_files
 from rescalelab.tracking import TrackedRun, flatten, read_parent
 from rescalelab.tracking.resilient import PendingMetrics
-from rescalelab.validate import check_added_keys, validate
+from rescalelab.validate import check_added_keys, check_num_classes, validate
 
 console = Console(stderr=True)
 
@@ -62,6 +62,7 @@ def build_components(cfg: DictConfig) -> dict[str, Any]:
     datamodule = _build("data", cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    check_num_classes(cfg, datamodule.num_classes)  # an explicit model.num_classes must agree
     norm = _build("norm", cfg.norm)
     model = _build(
         "model", cfg.model, input_shape=datamodule.input_shape,
@@ -134,6 +135,8 @@ def train(cfg: DictConfig) -> float | None:
         )
         if run.run_id is not None:
             write_run_files(output_dir, run.run_id, overrides)
+            # Files that define the data exactly (e.g. an ImageNet subset's file list).
+            run.log_files(getattr(parts["datamodule"], "artifacts", {}), "data")
     logger = run.logger(
         skip_through=skip, spill_path=Path(output_dir) / "undelivered_metrics.jsonl"
     )

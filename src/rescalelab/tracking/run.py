@@ -8,6 +8,7 @@ config — is decided in this one module.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -172,6 +173,16 @@ class TrackedRun:
         hydra_dir = Path(output_dir) / ".hydra"
         if hydra_dir.is_dir():
             self.client.log_artifacts(self.run_id, str(hydra_dir), "config/hydra")
+
+    def log_files(self, files: dict[str, Path], artifact_path: str) -> None:
+        """Log each existing file of ``files`` as ``<artifact_path>/<its key>``."""
+        files = {name: Path(p) for name, p in files.items() if Path(p).is_file()}
+        if not files:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, path in files.items():
+                shutil.copyfile(path, Path(tmp, name))
+            self.client.log_artifacts(self.run_id, tmp, artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
