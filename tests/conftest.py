@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +24,12 @@ def root(tmp_path: Path, migrated_db: Path) -> Path:
     """A fresh ``paths.root`` holding a copy of the migrated store."""
     shutil.copy(migrated_db, tmp_path / "mlflow.db")
     return tmp_path
+
+
+@pytest.fixture
+def one_thread():
+    """In-process loops of tiny layers: one thread avoids oversubscribing a shared 2-core CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytorch_lightning as pl
-import torch
 from omegaconf import OmegaConf
 
 from rescalelab.data import SyntheticImages
@@ -26,12 +25,7 @@ from tests.helpers import all_runs, assert_ok, child_runs, cli_env, client, hist
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow

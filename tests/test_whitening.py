@@ -29,13 +29,7 @@ SMALL_CNN = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process loops of tiny layers: one thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LAYERS = {
