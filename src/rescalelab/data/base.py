@@ -134,3 +134,35 @@ class TensorDataModule(pl.LightningDataModule):
             self._pending_state = state["train_batches"]
             if self._train is not None:
                 self._train.load_state_dict(self._pending_state)
+
+
+class ImageDataModule(TensorDataModule):
+    """A uint8 image set: per-channel normalization by (mean, std), optional crop and flip.
+
+    Subclasses set ``mean``, ``std`` (measured on the training split when not given),
+    ``augment``, ``crop_padding`` and ``flip``; the transforms run on whole batches on the device.
+    """
+
+    mean: list[float] | None
+    std: list[float] | None
+    augment: bool
+    crop_padding: int
+    flip: bool
+
+    def train_transform(self) -> BatchTransform:
+        from rescalelab.data.augment import ImageBatchTransform
+
+        if not self.augment:
+            return self.eval_transform()
+        return ImageBatchTransform(
+            self.mean, self.std, size=self.input_shape[-1], padding=self.crop_padding,
+            random_crop=self.crop_padding > 0, flip=self.flip,
+        )  # fmt: skip
+
+    def eval_transform(self) -> BatchTransform:
+        from rescalelab.data.augment import ImageBatchTransform
+
+        return ImageBatchTransform(self.mean, self.std)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "mean": self.mean, "std": self.std}

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rescalelab.data.augment import ImageBatchTransform, channel_stats
-from rescalelab.data.base import TensorDataModule
-from rescalelab.data.tensor_batches import BatchTransform
+from rescalelab.data.augment import channel_stats
+from rescalelab.data.base import ImageDataModule
 from rescalelab.errors import ConfigError
 
 FOLDER = "cifar-10-batches-py"
@@ -102,7 +101,7 @@ def _subset(n_total: int, n: int | None, seed: int) -> torch.Tensor | None:
     return torch.randperm(n_total, generator=g)[:n].sort().values
 
 
-class CIFAR10(TensorDataModule):
+class CIFAR10(ImageDataModule):
     """CIFAR-10 (3×32×32, 10 classes) from the python distribution under ``root``.
 
     ``num_train``/``num_val`` (``null``: all) keep a random subset drawn from the seed, for
@@ -209,18 +208,3 @@ class CIFAR10(TensorDataModule):
             "x_val": x_val.contiguous(),
             "y_val": y_val,
         }
-
-    # -- transforms -------------------------------------------------------------------------
-    def train_transform(self) -> BatchTransform:
-        if not self.augment:
-            return self.eval_transform()
-        return ImageBatchTransform(
-            self.mean, self.std, size=32, padding=self.crop_padding,
-            random_crop=self.crop_padding > 0, flip=self.flip,
-        )  # fmt: skip
-
-    def eval_transform(self) -> BatchTransform:
-        return ImageBatchTransform(self.mean, self.std)
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "mean": self.mean, "std": self.std}

@@ -11,14 +11,11 @@ the batched device transforms of :mod:`rescalelab.data.augment`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from rescalelab.data.augment import ImageBatchTransform, channel_stats
-from rescalelab.data.base import TensorDataModule
-from rescalelab.data.tensor_batches import BatchTransform
+from rescalelab.data.augment import channel_stats
+from rescalelab.data.base import ImageDataModule
 from rescalelab.errors import ConfigError
 
 
@@ -46,7 +43,7 @@ def upsample_digits(images: torch.Tensor, size: int, channels: int) -> torch.Ten
     return x.expand(-1, channels, -1, -1).contiguous()
 
 
-class Digits(TensorDataModule):
+class Digits(ImageDataModule):
     """The 8×8 digits upsampled to ``channels × image_size × image_size``, 10 classes.
 
     ``num_train``/``num_val`` (``null``: all) keep the first n images of each split in file
@@ -113,18 +110,3 @@ class Digits(TensorDataModule):
             "x_val": x[val_idx],
             "y_val": labels[val_idx],
         }
-
-    def train_transform(self) -> BatchTransform:
-        if not self.augment:
-            return self.eval_transform()
-        _, size, _ = self.input_shape
-        return ImageBatchTransform(
-            self.mean, self.std, size=size, padding=self.crop_padding,
-            random_crop=self.crop_padding > 0, flip=self.flip,
-        )  # fmt: skip
-
-    def eval_transform(self) -> BatchTransform:
-        return ImageBatchTransform(self.mean, self.std)
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "mean": self.mean, "std": self.std}
