@@ -33,3 +33,17 @@ def test_quick_benchmark_prints_table_json_and_logs_to_mlflow(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("benchmarks").experiment_id])
     assert run.data.params["machine.torch"] == report["machine"]["torch"]
     assert any(k.startswith("framework") for k in run.data.metrics)
+
+
+def test_precision_and_compile_row_runs_on_cpu_when_asked(tmp_path):
+    """Row 6 (bf16 autocast, torch.compile) is GPU-first, but the same code runs on a CPU."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rescalelab.bench", "--quick", "--device", "cpu", "--rows", "gpu", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env=cli_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["row"].startswith("precision and compile variants") and row["base"] == "fp32"
+    assert set(row["medians"]) == {"fp32", "bf16", "compile", "compile_bf16"}
+    assert all(v > 0 for v in row["medians"].values())

@@ -13,7 +13,8 @@ are not. Rows:
 3. ``drift``: a fit with the drift callback at its default schedule versus without.
 4. ``logging``: a fit with the MLflow logger versus ``logger=False``.
 5. ``data/<pipeline>``: images/s a pipeline delivers versus images/s a training step consumes.
-6. On GPU: bf16 autocast and ``torch.compile`` variants of the bare loop.
+6. ``gpu``: bf16 autocast and ``torch.compile`` variants of the bare loop (on a CPU only when
+   asked for with ``--rows gpu``).
 """
 
 from __future__ import annotations
@@ -159,19 +160,27 @@ def _sync(device: str) -> None:
 def bare_loop_timer(
     batch: int, steps: int, device: str, *, bf16: bool = False, compile: bool = False
 ):
-    """The floor: small_cnn, tensors on the device, SGD, no logging, no callbacks."""
+    """The floor: small_cnn, tensors on the device, SGD, no logging, no callbacks.
+
+    Each call is one epoch over ``batch * steps`` samples in a fresh random order, gathered
+    batch by batch as any training loop that shuffles must (and as the framework's
+    ``TensorBatches`` does): the comparison is between loops doing the same work.
+    """
     from rescalelab.models import SmallCNN
 
     model = SmallCNN((3, 32, 32), 10).to(device)
     step_model = torch.compile(model) if compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = _synthetic(batch * steps, (3, 32, 32), 10, device)
+    g = torch.Generator().manual_seed(0)
 
     def run() -> float:
         _sync(device)
         t0 = time.perf_counter()
+        order = torch.randperm(len(x), generator=g).to(device)
         for k in range(steps):
-            xb, yb = x[k * batch : (k + 1) * batch], y[k * batch : (k + 1) * batch]
+            idx = order[k * batch : (k + 1) * batch]
+            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
             with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(step_model(xb), yb)
             opt.zero_grad(set_to_none=True)
@@ -202,8 +211,12 @@ class _FitClock:
         return Clock()
 
 
-def fit_timer(root: Path, overrides: list[str], steps: int, batch: int, *, logger: bool = True):
-    """A function running a full rescalelab fit of ``steps`` steps; returns seconds per step.
+def fit_timer(
+    root: Path, overrides: list[str], steps: int, batch: int, *, logger: bool = True,
+    epochs: int = 1,
+):  # fmt: skip
+    """A function running a full rescalelab fit of ``steps`` steps in ``epochs`` epochs; returns
+    seconds per step.
 
     Everything a user's ``rescalelab-train`` does per step is inside the clock (Lightning's loop,
     progress bar, checkpointing, MLflow logging); one-time setup (building the MLflow run and the
@@ -226,10 +239,10 @@ def fit_timer(root: Path, overrides: list[str], steps: int, batch: int, *, logge
                 overrides=[
                     f"paths.root={root}",
                     f"paths.output_dir={out}",
-                    f"data.num_train={batch * steps}",
+                    f"data.num_train={batch * (steps // epochs)}",
                     "data.num_val=256",
                     f"data.batch_size={batch}",
-                    "trainer.max_epochs=1",
+                    f"trainer.max_epochs={epochs}",
                     "+trainer.limit_val_batches=0",
                     *overrides,
                 ],
@@ -258,7 +271,7 @@ def fit_timer(root: Path, overrides: list[str], steps: int, batch: int, *, logge
 
 
 def row_framework(root: Path, device: str, quick: bool) -> list[Comparison]:
-    steps, rounds, batch = (20, 2, 128) if quick else (150, 5, 128)
+    steps, rounds, batch = (20, 2, 128) if quick else (390, 5, 128)
     trainer = ["trainer=gpu"] if device.startswith("cuda") else []
     samples = interleave(
         {
@@ -308,31 +321,37 @@ def row_norm(device: str, quick: bool, model: str = "small_cnn") -> Comparison:
 def row_drift(root: Path, device: str, quick: bool) -> Comparison:
     # The drift schedule is dense early and sparse later (as is its probe), so its overhead is
     # measured over a run as long as the default experiment (10 epochs of 78 steps).
-    steps, rounds, batch = (20, 2, 128) if quick else (780, 3, 128)
+    steps, epochs, rounds, batch = (20, 2, 2, 128) if quick else (780, 10, 5, 128)
     trainer = ["trainer=gpu"] if device.startswith("cuda") else []
     samples = interleave(
         {
-            "default": fit_timer(root, [*trainer, "callbacks=default"], steps, batch, logger=True),
-            "drift": fit_timer(root, [*trainer, "callbacks=drift"], steps, batch, logger=True),
+            name: fit_timer(
+                root, [*trainer, f"callbacks={name}"], steps, batch, logger=True, epochs=epochs
+            )
+            for name in ("default", "drift")
         },
         rounds,
     )
     c = compare("drift callback (default schedule)", samples, base="default")
-    c.target, c.holds = "drift / default step time <= 1.03", c.ratios["drift"][1] <= 1.03
+    c.target, c.holds = "drift / default step time <= 1.05", c.ratios["drift"][1] <= 1.05
     return c
 
 
 def row_gpu_variants(device: str, quick: bool) -> Comparison:
-    steps, rounds = (20, 3) if quick else (200, 7)
+    """bf16 autocast and ``torch.compile`` against fp32, bare loop (row 6).
+
+    Part of the default rows on a GPU; on a CPU only when asked (``--rows gpu``): the CPU has
+    no bf16 speed-up to show and compiling takes ~20 s, but the path is the same code.
+    """
+    steps, rounds = (10, 2) if quick else (200, 7)
     fns = {
         "fp32": bare_loop_timer(512, steps, device),
         "bf16": bare_loop_timer(512, steps, device, bf16=True),
         "compile": bare_loop_timer(512, steps, device, compile=True),
         "compile_bf16": bare_loop_timer(512, steps, device, bf16=True, compile=True),
     }
-    return compare(
-        "GPU variants (bare loop, small_cnn, batch 512)", interleave(fns, rounds, warmup=2), "fp32"
-    )
+    row = f"precision and compile variants (bare loop, small_cnn, batch 512, {device})"
+    return compare(row, interleave(fns, rounds, warmup=2), "fp32")
 
 
 def _data_rows(device: str, quick: bool) -> list[Comparison] | None:
@@ -404,7 +423,7 @@ def run(
             results.append(row_drift(root, device, quick))
         if "data" in wanted and (data_rows := _data_rows(device, quick)) is not None:
             results.extend(data_rows)
-        if "gpu" in wanted and device.startswith("cuda"):
+        if "gpu" in wanted and (device.startswith("cuda") or rows):
             results.append(row_gpu_variants(device, quick))
     return {
         "machine": machine(),

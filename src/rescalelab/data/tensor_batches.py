@@ -73,7 +73,9 @@ class TensorBatches:
         for k in range(start, self._global_batches()):
             block = order[k * gb : (k + 1) * gb]
             idx = block[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-            xb, yb = self.x[idx], self.y[idx]
+            # index_select, not x[idx]: the same rows, 3-7x faster on CPU (no advanced-indexing
+            # machinery), which is most of what feeding a small model costs per step.
+            xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
             if self.transform is not None:
                 # One generator per batch, so a pass resumed at batch k draws what it would have.
                 xb = self.transform(xb, torch.Generator().manual_seed(base + k * 15_485_863))

@@ -66,6 +66,11 @@ class DivergenceGuard(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return
+        if self.every == 1 and trainer.world_size == 1:
+            # The common case reads the one loss back at once: stacking a one-element list
+            # and reducing it cost more than the step's check itself on a CPU.
+            self._judge([_step(trainer)], [loss.detach().float().item()])
+            return
         self._seen.append((_step(trainer), loss.detach().float().reshape(())))
         if self.initial_loss is None or len(self._seen) >= self.every:
             self._check(trainer)
@@ -80,7 +85,9 @@ class DivergenceGuard(Callback):
             values = trainer.strategy.reduce(
                 torch.nan_to_num(values, nan=math.inf), reduce_op="max"
             )
-        losses = values.cpu().tolist()
+        self._judge(steps, values.cpu().tolist())
+
+    def _judge(self, steps: list[int], losses: list[float]) -> None:
         for step, loss in zip(steps, losses):
             if not math.isfinite(loss):
                 raise Diverged(step, loss, "non-finite loss")
