@@ -68,7 +68,9 @@ class Classifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
         # The in-memory datasets serve batches already on the device (TensorBatches); skipping
         # Lightning's generic collection walk for them saves ~30 us per step.
         if isinstance(batch, (tuple, list)) and all(
@@ -140,7 +142,8 @@ class Classifier(pl.LightningModule):
         return {
             "optimizer": optimizer,
             "lr_scheduler": build_scheduler(
-                self.schedule_cfg, optimizer,
+                self.schedule_cfg,
+                optimizer,
                 total_steps=self.trainer.estimated_stepping_batches,
                 total_epochs=self.trainer.max_epochs,
             ),  # fmt: skip
