@@ -271,7 +271,7 @@ def fit_timer(
 
 
 def row_framework(root: Path, device: str, quick: bool) -> list[Comparison]:
-    steps, rounds, batch = (20, 2, 128) if quick else (390, 5, 128)
+    steps, rounds, batch = (20, 2, 128) if quick else (390, 7, 128)
     trainer = ["trainer=gpu"] if device.startswith("cuda") else []
     samples = interleave(
         {

@@ -111,6 +111,17 @@ class TensorDataModule(pl.LightningDataModule):
             self._train.mark_consumed()
         return batch
 
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        # TensorBatches serve (x, y) already on the device: skipping Lightning's generic walk
+        # over the batch saves ~30 us a step.
+        if isinstance(batch, (tuple, list)) and all(
+            isinstance(t, torch.Tensor) and t.device == device for t in batch
+        ):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def val_dataloader(self) -> TensorBatches:
         assert self.tensors is not None
         rank, world = self._rank()

@@ -2,7 +2,11 @@
 
 :class:`ResilientMLFlowLogger` is the Lightning logger of every run. Each logging event (the
 metrics of one step) joins a FIFO queue that a single background thread delivers with
-``MlflowClient.log_batch``, oldest first, so training never waits for the store. A delivery
+``MlflowClient.log_batch``, oldest first, so training never waits for the store. Deliveries
+are gathered: at most one write every ``batch_seconds`` (sooner when someone waits on
+:meth:`flush`), because a write is mostly fixed cost (a SQLAlchemy transaction, ~5 ms of
+Python that shares the GIL with training) and one per logging step cost 2-3% of a small CPU
+step. A delivery
 that fails (tracking server unreachable, SQLite busy) stays at the head of the queue and is
 retried every ``retry_seconds``: while the process lives nothing is dropped and the order is
 kept. ``close`` (Lightning's ``finalize``) waits up to ``flush_timeout`` seconds for the queue
@@ -62,6 +66,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
         run_id: str,
         skip_through: Mapping[str, int] | None = None,
         retry_seconds: float = 2.0,
+        batch_seconds: float = 2.0,
         flush_timeout: float = 120.0,
         spill_path: str | Path | None = None,
     ) -> None:
@@ -74,6 +79,8 @@ class ResilientMLFlowLogger(MLFlowLogger):
         self._initialized = True  # the run exists: no lookup (MLFlowLogger.experiment) needed
         self.skip_through = dict(skip_through or {})
         self.retry_seconds, self.flush_timeout = retry_seconds, flush_timeout
+        self.batch_seconds = batch_seconds
+        self._waiters = 0  # threads inside flush(): deliver now, do not gather
         self.spill_path = Path(spill_path) if spill_path else None
         self._queue: deque[_Item] = deque()
         self._cv = threading.Condition()
@@ -162,12 +169,24 @@ class ResilientMLFlowLogger(MLFlowLogger):
     def flush(self, timeout: float) -> bool:
         """Wait until the queue is empty, at most ``timeout`` seconds; True if it is."""
         with self._cv:
-            return self._cv.wait_for(lambda: not self._queue, timeout=max(timeout, 0.0))
+            self._waiters += 1
+            self._cv.notify_all()
+            try:
+                return self._cv.wait_for(lambda: not self._queue, timeout=max(timeout, 0.0))
+            finally:
+                self._waiters -= 1
 
     def _deliver(self) -> None:
+        last = -float("inf")
         while True:
             with self._cv:
                 self._cv.wait_for(lambda: self._queue or self._closing)
+                due = last + self.batch_seconds
+                self._cv.wait_for(
+                    lambda due=due: self._closing or self._waiters > 0
+                    or len(self._queue) >= MAX_BATCH or time.monotonic() >= due,
+                    timeout=max(due - time.monotonic(), 0.0),
+                )  # fmt: skip
                 if not self._queue or self._give_up:
                     return
                 batch = list(itertools.islice(self._queue, 0, MAX_BATCH))
@@ -189,6 +208,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
                     self._cv.notify_all()
                     self._cv.wait_for(lambda: self._give_up, timeout=self.retry_seconds)
                 continue
+            last = time.monotonic()
             with self._cv:
                 if self._give_up:  # close() already counted this batch as undelivered
                     return
