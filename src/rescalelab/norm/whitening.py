@@ -205,10 +205,9 @@ class WhitenedLayers:
             d = x - c
             dims = tuple(range(x.dim() - 1))
             n = x.numel() // x.shape[-1]
-        if layer.acc is None or layer.acc.device != d.device:
-            layer.acc = torch.zeros(2, layer.n_in, device=d.device, dtype=d.dtype)
-        layer.acc[0] += d.sum(dims)
-        layer.acc[1] += d.square_().sum(dims)
+        sums = torch.stack((d.sum(dims), d.square_().sum(dims)))
+        # The first input since the last update starts the sums (no zeroing pass, no indexing).
+        layer.acc = sums if layer.count == 0 or layer.acc is None else layer.acc.add_(sums)
         layer.count += n
 
     @torch.no_grad()
@@ -233,10 +232,7 @@ class WhitenedLayers:
             torch._foreach_lerp_([m.rescale_var for m in mods], var_b, rate)
             torch._foreach_add_([m.rescale_updates for m in mods], 1)
         for layer in self.layers:
-            if layer.acc is not None and layer.count:
-                layer.acc.zero_()
-            layer.count = 0
-            layer.cache = None
+            layer.acc, layer.count, layer.cache = None, 0, None
         self._updates = k + 1
 
     def _reduce(self) -> list[tuple[float, Tensor | None]]:
