@@ -4,8 +4,10 @@ A checkpoint taken at the end of training step k holds the state *after* step k,
 logs step k's metrics only after the end-of-batch hooks. A crash between the two would leave
 step k out of the metric histories forever (the resumed run starts at step k + 1). So
 :class:`LastCheckpoint` *stages* the checkpoint at the end of step k (``last.ckpt.staged``) and
-*commits* it (an atomic rename onto ``last.ckpt``) at the next hook, once the metric queue holds
-nothing older (:meth:`~rescalelab.tracking.resilient.ResilientMLFlowLogger.flush`). While the
+*commits* it (an atomic rename onto ``last.ckpt``) at the first hook where the metric queue holds
+nothing older (mid-epoch it asks at every batch start and never waits; at an epoch's end, the
+end of training and on a signal it waits,
+:meth:`~rescalelab.tracking.resilient.ResilientMLFlowLogger.flush`). While the
 store is unreachable nothing is committed: the previous ``last.ckpt`` stays, and a crash
 replays from there rather than losing steps. End-of-epoch checkpoints (``callbacks.checkpoint``,
 ``save_last``) come after the epoch's metrics are logged and need no staging.
@@ -114,9 +116,14 @@ class LastCheckpoint(Callback):
             trainer.save_checkpoint(self.staged, weights_only=False)
             self._staged_step = trainer.global_step
 
-    def _commit(self, trainer: pl.Trainer) -> None:
+    def _commit(self, trainer: pl.Trainer, wait: bool = True) -> None:
         if self._staged_step is not None:
-            committed = self._metrics_delivered(trainer)
+            if wait:
+                committed = self._metrics_delivered(trainer)
+            elif self._delivered_through(trainer, self._staged_step):
+                committed = True
+            else:
+                return  # the staged step's metrics are on their way: try at the next hook
             if trainer.is_global_zero and self.staged.exists():
                 if committed:
                     os.replace(self.staged, self.path)
@@ -133,10 +140,22 @@ class LastCheckpoint(Callback):
         healthy = all(getattr(lg, "healthy", True) for lg in trainer.loggers)
         return all(f(self.flush_timeout if healthy else 0.0) for f in waits)
 
+    @staticmethod
+    def _delivered_through(trainer: pl.Trainer, step: int) -> bool:
+        """No metric of a step before ``step`` is still queued (asks, never waits)."""
+        for lg in trainer.loggers:
+            pending = getattr(lg, "pending", None)
+            if callable(pending) and any(item[3] < step for item in pending()):
+                return False
+        return True
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._commit(trainer)
+        # Mid-epoch the commit does not wait for the metric queue (the logger gathers its
+        # writes, a wait would cost the store's latency every N steps): it happens at the first
+        # batch start after the staged step's metrics are delivered. A signal commits at once.
+        self._commit(trainer, wait=self.signum is not None)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
