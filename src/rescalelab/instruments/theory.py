@@ -83,9 +83,9 @@ def schedule_kind(trainer: pl.Trainer) -> tuple[str, Any]:
         return "constant", ConstantFactor()
     config = configs[0]
     factor = (getattr(config.scheduler, "lr_lambdas", None) or [None])[0]
-    per_step = config.interval == "step" and config.frequency == 1
-    if per_step and isinstance(factor, ConstantFactor):
+    if isinstance(factor, ConstantFactor):  # constant, however often it is stepped
         return "constant", factor
+    per_step = config.interval == "step" and config.frequency == 1
     if per_step and isinstance(factor, InverseFactor):
         return "inverse", factor
     return "other", factor
