@@ -65,8 +65,13 @@ class TensorBatches:
         return torch.randperm(len(self.x), generator=g).to(self.x.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # Each pass is one epoch, and the epoch advances when the pass *starts*: Lightning
+        # stops after len(self) batches and never exhausts the generator, so an epoch counter
+        # advanced at the end would serve epoch 0's order (and crops and flips) forever.
+        epoch = self.epoch
         order = self._order()
-        epoch, base = self.epoch, self.seed * 7_919 + self.epoch * 104_729 + self.rank
+        self.epoch = epoch + 1
+        base = self.seed * 7_919 + epoch * 104_729 + self.rank
         start, self._start = self._start, 0
         self._yielded.clear()
         gb = self.batch_size * self.world_size
@@ -82,7 +87,6 @@ class TensorBatches:
             self._served = (epoch, k + 1)
             self._yielded.append((epoch, k))
             yield xb, yb
-        self.epoch += 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
