@@ -48,8 +48,14 @@ def test_a_frozen_model_sees_other_batches_every_epoch(root):
     """The issue's reproduction: with lr ~ 0 the per-step losses repeated with period 4."""
     assert_ok(
         run_cli(
-            root, "optim.lr=1e-9", "optim.momentum=0", "data.num_train=256", "data.num_val=64",
-            "data.batch_size=64", "trainer.max_epochs=3", "trainer.log_every_n_steps=1",
+            root,
+            "optim.lr=1e-9",
+            "optim.momentum=0",
+            "data.num_train=256",
+            "data.num_val=64",
+            "data.batch_size=64",
+            "trainer.max_epochs=3",
+            "trainer.log_every_n_steps=1",
             tiny=False,
         )  # fmt: skip
     )
