@@ -102,7 +102,7 @@ def test_summary_from_given_losses_and_drift_records():
     mon = BNWarmupMonitor(window=3)
     mon.switch_step = 5
     mon.drift = DriftMonitor()
-    mon.drift.by_step = {
+    records = {
         3: {"drift/a/dead_frac": 0.1, "drift/bn/lag_mean_z_probe": 0.4},
         4: {"drift/a/dead_frac": 0.2, "drift/bn/lag_mean_z_probe": 0.5,
             "drift/bn2/lag_mean_z_probe": 0.7},
@@ -110,6 +110,8 @@ def test_summary_from_given_losses_and_drift_records():
         7: {"drift/a/dead_frac": 0.3},
         9: {"drift/a/dead_frac": 0.9},  # beyond the epoch after the switch (4 steps)
     }  # fmt: skip
+    for step, metrics in records.items():
+        mon.drift.record.add(step, metrics)
     steps = np.arange(10)
     losses = np.array([3.0, 2.8, 2.6, 2.4, 2.2, 2.9, 3.1, 2.5, 2.3, 2.1])
     out = mon.summarise(steps, losses, steps_per_epoch=4)

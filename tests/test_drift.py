@@ -19,8 +19,9 @@ from torch import nn
 
 from rescalelab.data import TensorDataModule
 from rescalelab.errors import ConfigError
-from rescalelab.instruments import drift_stats as ds
-from rescalelab.instruments.drift import DriftMonitor, StatsCollector
+from rescalelab.instruments.drift import DriftMonitor
+from rescalelab.instruments.drift import stats as ds
+from rescalelab.instruments.drift.collector import StatsCollector
 from rescalelab.models import SmallCNN
 from rescalelab.norm import BatchNorm, Whitening
 
@@ -51,7 +52,7 @@ class EmaLinear(nn.Linear):
 
     def __init__(self, n_in: int, n_out: int, rho: float) -> None:
         super().__init__(n_in, n_out)
-        self.rescale_momentum = rho
+        self.rho = rho
         self.register_buffer("rescale_mean", torch.zeros(n_in))
         self.register_buffer("rescale_var", torch.ones(n_in))
         self.register_buffer("rescale_beta2", torch.tensor(1.0))
@@ -60,8 +61,8 @@ class EmaLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             with torch.no_grad():
-                self.rescale_mean.lerp_(x.mean(0), self.rescale_momentum)
-                self.rescale_var.lerp_(x.var(0), self.rescale_momentum)
+                self.rescale_mean.lerp_(x.mean(0), self.rho)
+                self.rescale_var.lerp_(x.var(0), self.rho)
                 self.rescale_updates += 1
         return super().forward(x)
 
@@ -97,10 +98,17 @@ class ToyData(TensorDataModule):
         return {"x_train": x, "y_train": y, "x_val": x[:64], "y_val": y[:64]}
 
 
+class ToyPlug:
+    """The norm plug's ρ (``norm.momentum``), where the monitor reads the whitening rate."""
+
+    def __init__(self, momentum: float) -> None:
+        self.momentum = momentum
+
+
 class ToyModule(pl.LightningModule):
     def __init__(self, units: int, rho: float, velocity: Callable[[int], float]) -> None:
         super().__init__()
-        self.model, self.velocity = Toy(units, rho), velocity
+        self.model, self.velocity, self.norm = Toy(units, rho), velocity, ToyPlug(rho)
 
     def training_step(self, batch, batch_idx):
         out = self.model(batch[0])
@@ -295,8 +303,7 @@ def test_probe_leaves_every_buffer_bit_identical(norm):
         assert before[k].dtype == after[k].dtype
     # the probe did run: both probe banks hold counts for the first conv
     first = collector.tracked[0]
-    banks = [collector.pack[k * collector.bank_size + first.off] for k in (1, 2)]
-    assert [int(b) for b in banks] == [16 * 32 * 32] * 2
+    assert first.sums[1:, 0].tolist() == [16 * 32 * 32] * 2
     if norm == "bn":  # without the restore the same forward would move them (this can fail)
         model(torch.randn(16, 3, 32, 32) + 1)
         moved = _buffers(model)
@@ -340,7 +347,7 @@ def test_monitor_changes_nothing_and_removes_its_hooks():
     mon = DriftMonitor(dense_steps=100, probe_size=64, probe_every=3, figures=False)
     with_monitor = _tiny_fit([mon])
     without = _tiny_fit([])
-    assert len(mon.by_step) == 16 and mon._n_probes >= 6  # it did instrument and probe
+    assert len(mon.by_step) == 16 and mon.n_probes >= 6  # it did instrument and probe
     a, b = with_monitor.state_dict(), without.state_dict()
     assert a.keys() == b.keys()
     for k in a:  # weights and BN buffers: bit for bit
@@ -381,7 +388,7 @@ def test_with_whitening_the_lag_is_that_of_the_mu_and_var_in_use():
             assert mon.by_step[t][f"drift/{name}/lag_mean_z"] == pytest.approx(lag, rel=1e-5)
             lag_lv = math.sqrt(np.mean(np.log((v + eps) / (var + eps)) ** 2))
             assert mon.by_step[t][f"drift/{name}/lag_logvar"] == pytest.approx(lag_lv, rel=1e-4)
-        assert mon._layers[name]["rho"] == pytest.approx(0.1)  # norm.momentum
+        assert mon.record.layers[name]["rho"] == pytest.approx(0.1)  # norm.momentum
         assert f"drift/{name}/lag_mean_z_probe" in mon.by_step[4]
 
 
@@ -402,7 +409,14 @@ def _batches() -> list[torch.Tensor]:
     return [torch.randn(12, 3, 8, 8, generator=g) * 2 + 0.5 for _ in range(2)]
 
 
-def _collect(model: nn.Module, parts: list[torch.Tensor]) -> list[np.ndarray]:
+def _flat(stats: dict[str, dict]) -> np.ndarray:
+    """n, m, v and the dead-unit sums of every layer, in one vector."""
+    keys = ("m", "v", "active")
+    parts = [np.concatenate([[d["n"]], *(d[k] for k in keys if k in d)]) for d in stats.values()]
+    return np.concatenate(parts)
+
+
+def _collect(model: nn.Module, parts: list[torch.Tensor]) -> list[dict[str, dict]]:
     """Two instrumented steps; the second uses the shifts set by the first."""
     c = StatsCollector(model)
     out = []
@@ -410,7 +424,7 @@ def _collect(model: nn.Module, parts: list[torch.Tensor]) -> list[np.ndarray]:
         c.start_step()
         model(x)
         c.on = False
-        out.append(c.reduce(probe=False).cpu().numpy().copy())
+        out.append(c.gather(probe=False))
     c.remove()
     return out
 
@@ -422,9 +436,9 @@ def _rank(rank: int, port: int, path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         halves = [x[rank * 6 : (rank + 1) * 6] for x in _batches()]
-        packs = _collect(_net(), halves)
+        steps = _collect(_net(), halves)
         if rank == 0:
-            np.save(path, np.stack(packs))
+            np.save(path, np.stack([_flat(st) for st in steps]))
     finally:
         dist.destroy_process_group()
 
@@ -440,10 +454,9 @@ def test_two_gloo_ranks_reduce_to_the_statistics_of_the_concatenated_batch(tmp_p
     mp.start_processes(_rank, args=(port, path), nprocs=2, join=True, start_method="fork")
     reduced = np.load(path)
     model = _net()
-    single = np.stack(_collect(model, _batches()))
-    np.testing.assert_allclose(reduced, single, rtol=2e-5, atol=1e-4)
-    c = StatsCollector(model)
-    stats = c.unpack(single[1], probe=False)  # the formulas, once more, on the full batch
+    steps = _collect(model, _batches())
+    np.testing.assert_allclose(reduced, np.stack([_flat(st) for st in steps]), rtol=2e-5, atol=1e-4)
+    stats = steps[1]  # the formulas, once more, on the full batch
     x = _batches()[1]
     np.testing.assert_allclose(stats["0"]["m"], x.double().mean((0, 2, 3)).numpy(), rtol=1e-5)
     np.testing.assert_allclose(
@@ -467,7 +480,7 @@ def test_dead_frac_of_a_layer_with_known_dead_units():
     c.start_step()
     model(torch.randn(200, 6) * 0.1)  # |w x| < 5: the other units are always alive
     c.on = False
-    stats = c.unpack(c.reduce(False).numpy(), probe=False)
+    stats = c.gather(False)
     assert ds.dead_fraction(stats["0"]["active"]) == pytest.approx(3 / 10)
     assert "active" not in stats["2"]  # the output layer has no ReLU after it
 
@@ -489,7 +502,7 @@ def _is_png(fig) -> bool:
 def test_figures_from_a_monitored_fit_and_a_warmup_sweep_are_valid_pngs():
     import pandas as pd
 
-    from rescalelab.instruments import figures
+    from rescalelab.instruments.drift import figures
 
     mon = fit_toy(lambda t: 0.01, steps=60, dense_steps=20, probe_every=10)
     table = mon.table()
@@ -508,29 +521,3 @@ def test_figures_from_a_monitored_fit_and_a_warmup_sweep_are_valid_pngs():
     assert _is_png(figures.warmup_sweep(runs))
     x, y = figures.staleness(table, switch_step=30, steps_per_epoch=10)
     assert len(x) and x[0] == 0 and np.all(np.diff(x) > 0)
-
-
-# ------------------------------------------------------------------------------------------
-# Writing metrics
-
-
-@pytest.mark.parametrize("mode", ["buffered", "async", "sync"])
-def test_metric_sink_writes_every_value_at_its_step(root: Path, mode: str, monkeypatch):
-    from pytorch_lightning.loggers import MLFlowLogger
-
-    from rescalelab.tracking.artifacts import MetricSink
-    from rescalelab.tracking.store import ensure_experiment
-    from tests.helpers import client, tracking_uri
-
-    uri = tracking_uri(root)
-    # MLFlowLogger sets MLFLOW_TRACKING_URI for the process: undone after the test
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    run = client(root).create_run(ensure_experiment(uri, "sink"))
-    logger = MLFlowLogger(experiment_name="sink", tracking_uri=uri, run_id=run.info.run_id)
-    sink = MetricSink(logger, mode, max_values=25, max_seconds=1e9)
-    for step in range(30):  # 2 keys x 30 steps; buffered: flushed at 26 values and by wait()
-        sink.log({"drift/a b/x": float(step), "drift/l/y": 2.0 * step}, step)
-    sink.wait()
-    hist = {m.step: m.value for m in client(root).get_metric_history(run.info.run_id, "drift/l/y")}
-    assert hist == {s: 2.0 * s for s in range(30)}
-    assert len(client(root).get_metric_history(run.info.run_id, "drift/a b/x")) == 30

@@ -89,7 +89,6 @@ def test_drift_run_logs_per_layer_metrics_arrays_and_figures(root: Path):
             assert f"drift/{layer}/{stat}" in metrics, (layer, stat)
     assert "drift/features.0/lag_mean_z" not in metrics  # norm=bn: a conv has no estimates
     assert "drift/features.0/logvar_iqr" not in metrics  # metrics=compact: parquet only
-    assert 0 < metrics["drift/overhead_frac"] < 10
     # schedule: 8 steps, all below dense_steps=10; the probe at step 0 and the epoch's last step
     assert [s for s, _ in history(root, rid, "drift/features.0/mean_z")] == list(range(8))
     assert [s for s, _ in history(root, rid, "drift/features.1/lag_mean_z_probe")] == [0, 7]

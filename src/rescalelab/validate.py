@@ -239,13 +239,6 @@ RULES: list[Rule] = [
     Rule("callbacks.theory.per_decade", int, lambda v: v >= 0, "an integer >= 0"),
     Rule("callbacks.drift.dense_steps", int, lambda v: v >= 0, "an integer >= 0"),
     Rule("callbacks.drift.metrics", str, lambda v: v in ("compact", "all"), "one of: compact, all"),
-    Rule(
-        "callbacks.drift.log_mode",
-        str,
-        lambda v: v in ("buffered", "async", "sync"),
-        "one of: buffered, async, sync",
-    ),
-    Rule("callbacks.drift.flush_seconds", float, lambda v: v > 0, "a number > 0"),
     Rule("callbacks.bn_warmup.window", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("callbacks.bn_warmup.extra_steps", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("callbacks.drift.per_decade", float, lambda v: v > 0, "a number > 0"),

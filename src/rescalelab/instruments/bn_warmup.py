@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from rescalelab.errors import ConfigError
-from rescalelab.instruments.drift import DriftMonitor, _steps_per_epoch
+from rescalelab.instruments.drift import DriftMonitor
+from rescalelab.instruments.drift.monitor import steps_per_epoch as _steps_per_epoch
 
 LAG_STATS = ("lag_mean_z_probe", "lag_logvar_probe", "lag_mean_z", "lag_logvar")
 
@@ -129,12 +131,12 @@ class BNWarmupMonitor(pl.Callback):
         if not trainer.is_global_zero:
             return
         self.report = self.summarise(steps, host, _steps_per_epoch(trainer))
-        from rescalelab.tracking.artifacts import MetricSink, log_json
+        from rescalelab.tracking.artifacts import log_json
 
-        sink = MetricSink(trainer.logger)
-        sink.log(self.report, int(self.switch_step or 0))
-        log_json(trainer.logger, self.report, "drift/bn_warmup.json")
-        sink.wait()
+        for logger in trainer.loggers:  # the run's one metric path (queue, retry, resume)
+            logger.log_metrics(self.report, step=int(self.switch_step or 0))
+        path = Path(trainer.default_root_dir) / "drift" / "bn_warmup.json"
+        log_json(trainer.loggers, self.report, path, "drift")
 
     def summarise(
         self, steps: np.ndarray, losses: np.ndarray, steps_per_epoch: int

@@ -1,4 +1,6 @@
-"""The statistics of the drift instruments, as pure functions (no Lightning, no MLflow).
+"""The statistics of the drift instruments (no Lightning, no MLflow): pure functions, the
+schedule of instrumented steps, and :class:`HostSummary`, which turns one step's unpacked
+statistics into the scalars ``<layer>/<stat>``.
 
 Notation (the lecture's): a layer reads inputs x_i, one *unit* i per input feature of a Linear,
 per input channel of a Conv2d or BatchNorm. On an instrumented step the hooks reduce x to
@@ -26,7 +28,10 @@ points, with the sampling noise of both ends removed from their square.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -284,3 +289,160 @@ class Schedule:
     def count(self, steps: int) -> int:
         """How many of steps 0..steps-1 are instrumented."""
         return sum(1 for t in range(steps) if t in self)
+
+
+# ----------------------------------------------------------------------------------------
+# Host summaries: one step's per-layer numbers -> scalars
+
+
+@dataclass
+class ProbeHistory:
+    """The probe's population statistics μ*, σ*² of one layer at each probe step."""
+
+    steps: list[int] = field(default_factory=list)
+    means: list[np.ndarray] = field(default_factory=list)
+    variances: list[np.ndarray] = field(default_factory=list)
+
+    def velocity(self, eps: float) -> np.ndarray | None:
+        """dμ*/dt / σ* per step, from the two latest probes (``None`` with fewer than two)."""
+        if len(self.steps) < 2 or self.steps[-1] <= self.steps[-2]:
+            return None
+        if self.means[-1].shape != self.means[-2].shape:
+            return None
+        dt = self.steps[-1] - self.steps[-2]
+        return (self.means[-1] - self.means[-2]) / dt / np.sqrt(self.variances[-1] + eps)
+
+
+class HostSummary:
+    """Scalars ``<layer>/<stat>`` of instrumented steps, from the collector's per-layer numbers.
+
+    It keeps what a later step needs: each layer's previous logging point (for ``drift_*``),
+    the sampling noise of one training batch measured by the last probe (noise floors,
+    ``n_eff``) and the probe history (the drift velocity behind ``lag_steps``, and
+    ``settle_step``). A lag is computed only where the running estimates hold data
+    (``r_ready``): the whitening μ = 0, Var = 1 before their first update are no estimate.
+    """
+
+    def __init__(self, eps: float, lag_steps_max_se: float) -> None:
+        self.eps, self.lag_steps_max_se = eps, lag_steps_max_se
+        self.prev: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
+        self.noise: dict[str, tuple[float, float]] = {}
+        self.probes: dict[str, ProbeHistory] = defaultdict(ProbeHistory)
+
+    def summarise(
+        self, step: int, stats: dict[str, dict[str, Any]], probe_scale: float | None
+    ) -> dict[str, float]:
+        """Every scalar of ``step``; ``probe_scale`` (probe batch / training batch size) when
+        the step was probed, else ``None``."""
+        out: dict[str, float] = {}
+        for name, d in stats.items():
+            if probe_scale is not None and "probe_pop" in d:
+                out.update(self._probe(step, name, d, probe_scale))
+            if d["n"] > 0 and "m" in d:
+                out.update(self._layer(step, name, d))
+        return out
+
+    def _probe(self, step: int, name: str, d: dict[str, Any], scale: float) -> dict[str, float]:
+        eps, key, out = self.eps, f"{name}/", {}
+        mu, var = d["probe_pop"]
+        means = np.stack([m for m, _ in d["probe"]])
+        variances = np.stack([v for _, v in d["probe"]])
+        noise = batch_noise(means, variances, eps)
+        if noise is not None:  # one *training* batch: noise ∝ 1/batch size
+            self.noise[name] = (noise[0] * scale, noise[1] * scale)
+            out[key + "n_eff"] = 1.0 / max(self.noise[name][0], 1e-30)
+        h = self.probes[name]
+        h.steps.append(step)
+        h.means.append(mu)
+        h.variances.append(var)
+        if d.get("rp_ready"):
+            for k, v in probe_lag(d["rp_mean"], d["rp_var"], mu, var, eps).items():
+                out[key + k] = v
+            u = h.velocity(eps)
+            if u is not None:
+                delta = (mu - d["rp_mean"]) / np.sqrt(var + eps)
+                sm = self.noise.get(name, (0.0, 0.0))[0]
+                sd = math.sqrt(sm * (d["rho"] / (2 - d["rho"]) + 1.0 / len(d["probe"])))
+                ls, se = lag_steps(delta, u, sd)
+                if se <= self.lag_steps_max_se:
+                    out[key + "lag_steps_probe"] = ls
+        return out
+
+    def _layer(self, step: int, name: str, d: dict[str, Any]) -> dict[str, float]:
+        eps, key = self.eps, f"{name}/"
+        m, v = d["m"], d["v"]
+        out = {key + k: val for k, val in input_summary(m, v, eps).items()}
+        sm, slv = self.noise.get(name, (1.0 / d["n"], 2.0 / d["n"]))
+        prev = self.prev.get(name)
+        if prev is not None and prev[1].shape == m.shape and step > prev[0]:
+            dm, dlv = drift_rates(m, v, prev[1], prev[2], step - prev[0], eps, sm, slv)
+            out[key + "drift_mean"], out[key + "drift_logvar"] = dm, dlv
+        self.prev[name] = (step, m, v)
+        if d.get("r_ready"):
+            out.update(self._lag(name, d, m, v, sm, slv))
+        if "active" in d:
+            out[key + "dead_frac"] = dead_fraction(d["active"])
+        if "grad2" in d:
+            out[key + "grad_norm"] = math.sqrt(d["grad2"])
+            if d["w2"] > 0:
+                out[key + "update_ratio"] = math.sqrt(d["dw2"] / d["w2"])
+        return out
+
+    def _lag(
+        self, name: str, d: dict[str, Any], m: np.ndarray, v: np.ndarray, sm: float, slv: float
+    ) -> dict[str, float]:
+        eps, key = self.eps, f"{name}/"
+        lg = lag(m, v, d["r_mean"], d["r_var"], eps)
+        floor, floor_lv = noise_floor(sm, d["rho"]), noise_floor(slv, d["rho"])
+        out = {key + k: val for k, val in lg.items()}
+        out[key + "noise_floor"] = floor
+        out[key + "noise_floor_logvar"] = floor_lv
+        out[key + "lag_mean_z_excess"] = excess(lg["lag_mean_z"], floor)
+        out[key + "lag_logvar_excess"] = excess(lg["lag_logvar"], floor_lv)
+        u = self.probes[name].velocity(eps) if name in self.probes else None
+        if u is not None and u.shape == m.shape:
+            delta = (m - d["r_mean"]) / np.sqrt(d["r_var"] + eps)
+            ls, se = lag_steps(delta, u, floor)
+            if se <= self.lag_steps_max_se:
+                out[key + "lag_steps"] = ls
+        return out
+
+    def settle_steps(
+        self, epoch_len: int, threshold: float, threshold_logvar: float
+    ) -> dict[str, int | None]:
+        """``settle_step`` of every probed layer (:func:`settle_step`)."""
+        return {
+            name: settle_step(
+                h.steps,
+                h.means,
+                h.variances,
+                max(epoch_len, 1),
+                threshold,
+                threshold_logvar,
+                self.eps,
+            )  # fmt: skip
+            for name, h in self.probes.items()
+        }
+
+    # -- checkpoints: plain tensors and lists (torch.load's weights_only accepts them) -----
+    def state_dict(self) -> dict[str, Any]:
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+
+        return {
+            "prev": {n: (s, t(m), t(v)) for n, (s, m, v) in self.prev.items()},
+            "noise": {n: list(v) for n, v in self.noise.items()},
+            "probes": {
+                n: (list(h.steps), [t(m) for m in h.means], [t(v) for v in h.variances])
+                for n, h in self.probes.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prev = {n: (int(s), m.numpy(), v.numpy()) for n, (s, m, v) in state["prev"].items()}
+        self.noise = {n: (float(a), float(b)) for n, (a, b) in state["noise"].items()}
+        self.probes = defaultdict(ProbeHistory)
+        for n, (steps, means, variances) in state["probes"].items():
+            self.probes[n] = ProbeHistory(
+                list(steps), [m.numpy() for m in means], [v.numpy() for v in variances]
+            )

@@ -7,12 +7,13 @@ are plain :class:`matplotlib.figure.Figure` objects (no pyplot state, no display
 
 * ``drift_heatmap``: layers (input to output) x logged steps, colour log10 ``drift_mean``
   (std/step) and log10 ``drift_logvar`` (log-variance/step); dotted lines at epoch starts, a red
-  line at the BN → whitening switch.
+  line at the BN → whitening switch (only where one happened: ``meta["switch_step"]``).
 * ``lag_heatmap``: the signed median log(v/r_var) of the running estimates (diverging colours
   centred at 0; blue: the variance is underestimated) and ``lag_mean_z``; markers at each
   layer's ``settle_step``.
-* ``lag_curves``: per layer with running estimates, ``lag_mean_z`` against its noise floor and
-  the probe's lag, and ``lag_steps`` against the EMA references (1−ρ)/ρ and 1/ρ.
+* ``lag_curves``: per layer with running estimates, one panel per quantity (one y-axis each):
+  ``lag_mean_z`` against its noise floor and the probe's lag, ``lag_logvar`` likewise, and
+  ``lag_steps`` against the EMA references (1−ρ)/ρ and 1/ρ.
 * ``dead_units``: ``dead_frac`` and the update ratio ||Δw||/||w|| per layer.
 * ``warmup_sweep``: across runs with different warm-up lengths k, the training loss and the
   post-switch staleness against epochs since the switch (median and IQR over seeds).
@@ -26,11 +27,6 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-
-try:  # pandas is an mlflow dependency; only typing needs it here
-    import pandas as pd
-except ImportError:  # pragma: no cover
-    pd = None  # type: ignore[assignment]
 
 
 def close(fig: Figure) -> None:
@@ -69,6 +65,8 @@ def _edges(steps: np.ndarray) -> np.ndarray:
 
 
 def _marks(ax: Any, meta: dict[str, Any]) -> None:
+    """Dotted lines at the epoch starts, and a red "switch" line where BN → whitening switched
+    (``switch_step`` is ``None`` when nothing switched)."""
     for s in meta.get("epoch_starts", [])[1:]:
         ax.axvline(s + 1, color="0.5", lw=0.6, ls=":")
     sw = meta.get("switch_step")
@@ -156,53 +154,58 @@ def _series(table: Any, layer: str, stat: str) -> tuple[np.ndarray, np.ndarray]:
     return sub["step"].to_numpy(), sub["value"].to_numpy()
 
 
-def _grid(n: int, fig: Figure) -> list[Any]:
-    cols = min(3, max(n, 1))
-    rows = max(1, -(-n // cols))
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return list(axes[:n])
+# One panel per quantity, one y-axis each: the lag of the means (std units) with its noise
+# floor, the lag of the log-variances (log units) with its floor, the lag in steps with the EMA
+# references.
+LAG_PANELS = (
+    ("lag of the mean (std units)", (
+        ("lag_mean_z", dict(color="C0", lw=1)),
+        ("noise_floor", dict(color="C0", lw=1, ls="--")),
+        ("lag_mean_z_probe", dict(color="C0", marker="o", ms=3, lw=0)),
+    )),
+    ("lag of the log-variance", (
+        ("lag_logvar", dict(color="C1", lw=1)),
+        ("noise_floor_logvar", dict(color="C1", lw=1, ls="--")),
+        ("lag_logvar_probe", dict(color="C1", marker="s", ms=3, lw=0)),
+    )),
+    ("lag (steps)", (
+        ("lag_steps", dict(color="C2", marker="x", lw=0)),
+        ("lag_steps_probe", dict(color="C2", marker="+", lw=0)),
+    )),
+)  # fmt: skip
 
 
 def lag_curves(table: Any, meta: dict[str, Any]) -> Figure:
-    """Per layer with running estimates: lag vs noise floor, and lag in steps vs (1−ρ)/ρ."""
+    """Per layer with running estimates (rows), one quantity per panel (columns): the lag of
+    the means against its noise floor and the probe's, the same for the log-variances, and the
+    lag in steps against the EMA references (1−ρ)/ρ and 1/ρ."""
     layers = _layers(table, meta, "lag_mean_z")
     n = len(layers)
-    fig = Figure(figsize=(4 * min(3, max(n, 1)), 3 * max(1, -(-n // 3))), layout="constrained")
+    fig = Figure(figsize=(12, 2.4 * max(n, 1) + 0.6), layout="constrained")
     if not n:
         ax = fig.subplots()
         ax.text(0.5, 0.5, "no running estimates to lag", ha="center", va="center")
         return fig
     rho = meta.get("rho") or {}
-    for ax, name in zip(_grid(n, fig), layers):
-        for stat, style in (
-            ("lag_mean_z", dict(color="C0", lw=1)),
-            ("noise_floor", dict(color="C0", lw=1, ls="--")),
-            ("lag_mean_z_probe", dict(color="C0", marker="o", ms=3, lw=0)),
-            ("lag_logvar", dict(color="C1", lw=1)),
-            ("lag_logvar_probe", dict(color="C1", marker="s", ms=3, lw=0)),
-        ):
-            s, v = _series(table, name, stat)
-            if len(s):
-                ax.plot(s + 1, v, label=stat, **style)
-        ax.set_xscale("log")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step + 1", fontsize=8)
-        _marks(ax, meta)
-        tw = ax.twinx()
-        for stat, mk in (("lag_steps", "x"), ("lag_steps_probe", "+")):
-            s, v = _series(table, name, stat)
-            if len(s):
-                tw.plot(s + 1, v, marker=mk, lw=0, color="C2", label=stat)
+    axes = fig.subplots(n, len(LAG_PANELS), squeeze=False, sharex=True)
+    for row, name in zip(axes, layers):
+        for ax, (title, stats) in zip(row, LAG_PANELS):
+            for stat, style in stats:
+                s, v = _series(table, name, stat)
+                if len(s):
+                    ax.plot(s + 1, v, label=stat, **style)
+            ax.set_xscale("log")
+            ax.set_title(f"{name}: {title}", fontsize=8)
+            _marks(ax, meta)
         r = rho.get(name)
         if r:
-            tw.axhline((1 - r) / r, color="C2", lw=0.8, ls=":", label="(1−ρ)/ρ")
-            tw.axhline(1 / r, color="C2", lw=0.8, ls="-.", label="1/ρ")
-        tw.set_ylabel("lag (steps)", fontsize=8, color="C2")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = tw.get_legend_handles_labels()
-    fig.legend(h1 + h2, l1 + l2, loc="outside lower center", ncols=5, fontsize=7)
+            row[-1].axhline((1 - r) / r, color="C2", lw=0.8, ls=":", label="(1−ρ)/ρ")
+            row[-1].axhline(1 / r, color="C2", lw=0.8, ls="-.", label="1/ρ")
+    for ax in axes[-1]:
+        ax.set_xlabel("step + 1", fontsize=8)
+    for ax in axes[0]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     fig.suptitle("Lag of the running estimates per layer", fontsize=10)
     return fig
 
