@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 
 UPLOAD_TIMEOUT = 120.0  # seconds an upload may take before the run goes on without it
+RETRY_SECONDS = 2.0  # between attempts while the store refuses (the metric queue's period)
 
 
 def mlflow_target(loggers: Any) -> tuple[MlflowClient, str] | None:
@@ -33,13 +34,18 @@ def mlflow_target(loggers: Any) -> tuple[MlflowClient, str] | None:
 
 
 def upload(
-    loggers: Any, path: str | Path, artifact_path: str, timeout: float = UPLOAD_TIMEOUT
+    loggers: Any,
+    path: str | Path,
+    artifact_path: str,
+    timeout: float = UPLOAD_TIMEOUT,
+    retry_seconds: float = RETRY_SECONDS,
 ) -> bool:
     """Copy a local file or folder into the run's artifacts under ``artifact_path``.
 
-    The copy runs on a helper thread and is waited for at most ``timeout`` seconds. Returns
-    True when it is done; False without an MLflow logger, and False with a warning on stderr
-    when the store refused or did not answer in time (the files stay at ``path``).
+    The copy runs on a helper thread, retried every ``retry_seconds`` while the store refuses
+    (a tracking server restarting), and is waited for at most ``timeout`` seconds. Returns True
+    when it is done; False without an MLflow logger, and False with a warning on stderr when it
+    could not be done in time (the files stay at ``path``).
     """
     target = mlflow_target(loggers)
     if target is None:
@@ -47,25 +53,31 @@ def upload(
     client, run_id = target
     path = Path(path)
     outcome: dict[str, str] = {}
+    give_up = threading.Event()
 
     def copy() -> None:
-        try:
-            if path.is_dir():
-                client.log_artifacts(run_id, str(path), artifact_path)
-            else:
-                client.log_artifact(run_id, str(path), artifact_path)
-            outcome["done"] = "yes"
-        except Exception as e:  # noqa: BLE001 - any failure: say so, keep the files, go on
-            outcome["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        while not give_up.is_set():
+            try:
+                if path.is_dir():
+                    client.log_artifacts(run_id, str(path), artifact_path)
+                else:
+                    client.log_artifact(run_id, str(path), artifact_path)
+                outcome["done"] = "yes"
+                return
+            except Exception as e:  # noqa: BLE001 - any failure: retry, then say so and go on
+                outcome["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                give_up.wait(retry_seconds)
 
     worker = threading.Thread(target=copy, name="rescalelab-artifacts", daemon=True)
     worker.start()
     worker.join(timeout)
+    give_up.set()
     if "done" in outcome:
         return True
-    why = outcome.get("error", f"no answer in {timeout:g} s")
+    why = outcome.get("error", "no answer")
     print(
-        f"warning: {path} could not be copied into run {run_id} ({why}); the files stay there",
+        f"warning: {path} could not be copied into run {run_id} in {timeout:g} s ({why}); "
+        "the files stay there",
         file=sys.stderr,
     )
     return False

@@ -245,8 +245,13 @@ class DriftMonitor(pl.Callback):
         return (step in self.schedule or step in self.extra_steps or probe), probe
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch != self.record.epoch and trainer.is_global_zero and self.arrays:
+            # resumed from an epoch-end checkpoint: that epoch's arrays get their own file
+            self.record.end_epoch(outputs.folder(self, trainer))
+        self.record.epoch = epoch
         # A resumed epoch keeps the start it had (setdefault).
-        self.record.epoch_starts.setdefault(trainer.current_epoch, trainer.global_step)
+        self.record.epoch_starts.setdefault(epoch, trainer.global_step)
         self._check_modules = True  # norm=bn_warmup swaps modules at an epoch start
 
     def on_train_batch_start(
@@ -324,7 +329,7 @@ class DriftMonitor(pl.Callback):
     # -- epoch and fit end ----------------------------------------------------------------
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.arrays:
-            self.record.end_epoch(trainer.current_epoch, outputs.folder(self, trainer))
+            self.record.end_epoch(outputs.folder(self, trainer))
 
     def meta(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """What the figures and readers need besides the scalars (``drift/meta.json``)."""

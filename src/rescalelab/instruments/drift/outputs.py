@@ -40,6 +40,7 @@ class Record:
         self.layers: dict[str, dict[str, Any]] = {}
         self.epoch_starts: dict[int, int] = {}
         self.epoch_arrays: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        self.epoch = 0  # the epoch the arrays in epoch_arrays belong to
         self.array_files: dict[str, dict[str, np.ndarray]] = {}
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
@@ -68,7 +69,7 @@ class Record:
             if "active" in d:
                 a["dead"].append(d["active"] <= 0)
 
-    def end_epoch(self, epoch: int, folder: Path | None) -> None:
+    def end_epoch(self, folder: Path | None) -> None:
         """The epoch's arrays as ``epoch_<e>.npz``: into ``folder/arrays`` (or kept in
         :attr:`array_files` without a folder)."""
         arrays: dict[str, np.ndarray] = {}
@@ -82,7 +83,7 @@ class Record:
         self.epoch_arrays.clear()
         if not arrays:
             return
-        name = f"epoch_{epoch:03d}.npz"
+        name = f"epoch_{self.epoch:03d}.npz"
         if folder is None:
             self.array_files[name] = arrays
         else:
@@ -120,6 +121,7 @@ class Record:
             "layers": self.layers,
             "epoch_starts": dict(self.epoch_starts),
             "epoch_arrays": arrays,
+            "epoch": self.epoch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -130,6 +132,7 @@ class Record:
             self.by_step.setdefault(step, {})[_key(layer, stat)] = value
         self.layers = {n: dict(d) for n, d in state["layers"].items()}
         self.epoch_starts = {int(e): int(s) for e, s in state["epoch_starts"].items()}
+        self.epoch = int(state["epoch"])
         for name, a in state["epoch_arrays"].items():
             for k, vals in a.items():
                 self.epoch_arrays[name][k] = [v.numpy() for v in vals]
@@ -150,7 +153,7 @@ def write(monitor: DriftMonitor, trainer: pl.Trainer, pl_module: pl.LightningMod
     folder, then one upload of the folder into the run's ``drift/``."""
     where = folder(monitor, trainer)
     if monitor.arrays:
-        monitor.record.end_epoch(trainer.current_epoch, where)
+        monitor.record.end_epoch(where)
     if where is None:
         return
     where.mkdir(parents=True, exist_ok=True)
