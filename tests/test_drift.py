@@ -521,3 +521,71 @@ def test_figures_from_a_monitored_fit_and_a_warmup_sweep_are_valid_pngs():
     assert _is_png(figures.warmup_sweep(runs))
     x, y = figures.staleness(table, switch_step=30, steps_per_epoch=10)
     assert len(x) and x[0] == 0 and np.all(np.diff(x) > 0)
+
+
+# ------------------------------------------------------------------------------------------
+# Honest figures: no lag against unset estimates, no switch line without a switch, one
+# quantity per panel
+
+
+def test_whitening_lag_starts_once_its_statistics_hold_data():
+    """μ = 0, Var = 1 before the first update are no estimate: no lag at step 0."""
+    mon = DriftMonitor(dense_steps=100, probe_size=64, probe_every=4, figures=False)
+    _tiny_fit([mon], norm="whitening", epochs=1)
+    lag_steps = [s for s, m in sorted(mon.by_step.items()) if "drift/features.0/lag_mean_z" in m]
+    assert lag_steps == list(range(1, 8))  # step 0 is measured (mean_z), not lagged
+    assert "drift/features.0/mean_z" in mon.by_step[0]
+    # BatchNorm's running statistics are what eval uses from the first step: lagged at step 0
+    bn = DriftMonitor(dense_steps=100, probe_size=0, figures=False)
+    _tiny_fit([bn], norm="bn", epochs=1)
+    assert "drift/features.1/lag_mean_z" in bn.by_step[0]
+
+
+def _switch_lines(fig) -> list[float]:
+    return [
+        float(line.get_xdata()[0])
+        for ax in fig.axes
+        for line in ax.get_lines()
+        if line.get_label() == "switch"
+    ]
+
+
+def test_a_switch_line_only_where_bn_switched_to_whitening():
+    from rescalelab.instruments.drift import figures
+    from rescalelab.instruments.drift.monitor import switch_step
+    from rescalelab.norm import BnWarmup
+
+    plug = BnWarmup(warmup_epochs=0)  # whitening from the start: switched_at_step = 0
+    model = SmallCNN((3, 32, 32), 10, norm=plug)
+    plug.prepare(model, (3, 32, 32))
+    assert plug.switched_at_step == 0 and switch_step(plug) is None
+    assert switch_step(Whitening()) is None and switch_step(BatchNorm()) is None
+    warm = BnWarmup(warmup_epochs=2)
+    warm.switched_at_step = 16
+    assert switch_step(warm) == 16
+
+    mon = fit_toy(lambda t: 0.01, steps=40, dense_steps=20, probe_every=10)
+    table = mon.table()
+    meta = {"layers": ["ramp", "white", "bn", "head"], "epoch_starts": [0],
+            "rho": {"white": 0.1, "bn": 0.1}, "switch_step": None}  # fmt: skip
+    for build in (figures.drift_heatmap, figures.lag_heatmap, figures.lag_curves):
+        assert _switch_lines(build(table, meta)) == [], build.__name__
+        with_switch = build(table, {**meta, "switch_step": 30})
+        assert _switch_lines(with_switch) and set(_switch_lines(with_switch)) == {31.0}
+
+
+def test_the_lag_figure_shows_one_quantity_per_panel_on_one_axis():
+    from rescalelab.instruments.drift import figures
+
+    mon = fit_toy(lambda t: 0.01, steps=60, dense_steps=20, probe_every=10)
+    meta = {"layers": ["ramp", "white", "bn", "head"], "epoch_starts": [0],
+            "rho": {"white": 0.1, "bn": 0.1}, "switch_step": None}  # fmt: skip
+    fig = figures.lag_curves(mon.table(), meta)
+    layers = ["white", "bn"]  # the layers with running estimates
+    assert len(fig.axes) == len(layers) * len(figures.LAG_PANELS)  # no twin axes
+    groups = [{stat for stat, _ in stats} for _, stats in figures.LAG_PANELS]
+    refs = {"(1−ρ)/ρ", "1/ρ", "switch"}
+    for i, ax in enumerate(fig.axes):
+        labels = {line.get_label() for line in ax.get_lines()} - refs
+        labels = {lab for lab in labels if not lab.startswith("_")}  # epoch-start marks
+        assert labels and labels <= groups[i % len(groups)], (i, labels)

@@ -148,3 +148,24 @@ def test_bad_drift_setting_stops_before_any_run(root: Path):
         proc.stderr
     )
     assert all_runs(root) == []
+
+
+@pytest.mark.slow
+def test_a_diverged_run_keeps_its_drift_figures_arrays_and_summary(root: Path):
+    """The run a researcher most needs to diagnose: written on failure too (on_exception)."""
+    assert_ok(run_cli(root, "callbacks=drift", "norm=bn", "optim.lr=100"))  # a sweep goes on
+    (run,) = all_runs(root)
+    assert run.info.status == "FAILED" and run.data.tags["rescalelab.status"] == "diverged"
+    step = int(run.data.tags["rescalelab.diverged_step"])
+    rid, c = run.info.run_id, client(root)
+    names = {a.path for a in c.list_artifacts(rid, "drift")}
+    assert {"drift/arrays", "drift/figures", "drift/summary.parquet", "drift/meta.json"} <= names
+    figures = {Path(a.path).stem for a in c.list_artifacts(rid, "drift/figures")}
+    assert figures == set(FIGURES)
+    import pandas as pd
+
+    table = pd.read_parquet(c.download_artifacts(rid, "drift/summary.parquet", str(root)))
+    # every step up to the diverged one (the monitor's hook runs before the guard's)
+    assert sorted(set(table.step)) == list(range(step + 1))
+    mean_z = [s for s, _ in history(root, rid, "drift/features.0/mean_z")]
+    assert mean_z == list(range(step + 1))

@@ -152,6 +152,7 @@ class DriftMonitor(pl.Callback):
         self.extra_steps: set[int] = set()
         self.extra_probe_steps: set[int] = set()
         self._restored: dict[str, Any] | None = None
+        self._fitting = False
         self._reset()
 
     def _reset(self) -> None:
@@ -204,6 +205,7 @@ class DriftMonitor(pl.Callback):
         if self._restored is not None:  # resumed: continue the records of the checkpoint
             self._load(self._restored)
             self._restored = None
+        self._fitting = True
         self.record.remember_layout(self.collector)
 
     def _ensure_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -375,7 +377,7 @@ class DriftMonitor(pl.Callback):
         c = self.collector
         if c is None or self._done:
             return
-        self._done = True
+        self._done, self._fitting = True, False
         c.on = False
         c.remove()
         if not trainer.is_global_zero:
@@ -402,6 +404,7 @@ class DriftMonitor(pl.Callback):
         self._finish(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._fitting = False
         if self.collector is not None:
             self.collector.remove()
 
@@ -418,8 +421,12 @@ class DriftMonitor(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Lightning restores callbacks before on_fit_start, which starts a fresh record.
-        self._restored = state_dict
+        # Lightning restores callbacks before on_fit_start (which starts a fresh record, then
+        # applies this), or after it for strategies that restore after setup.
+        if self._fitting:
+            self._load(state_dict)
+        else:
+            self._restored = state_dict
 
     def _load(self, state: dict[str, Any]) -> None:
         self.record.load_state_dict(state["record"])

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from rescalelab.instruments.drift.monitor import DriftMonitor
 
 
+def _per_key() -> defaultdict[str, list]:
+    return defaultdict(list)  # a named function, unlike a lambda, pickles (DDP spawn)
+
+
 def _key(layer: str, stat: str) -> str:
     return f"drift/{layer}/{stat}" if layer else f"drift/{stat}"
 
@@ -39,7 +43,7 @@ class Record:
         self.rows: list[tuple[int, str, str, float]] = []
         self.layers: dict[str, dict[str, Any]] = {}
         self.epoch_starts: dict[int, int] = {}
-        self.epoch_arrays: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        self.epoch_arrays: dict[str, dict[str, list]] = defaultdict(_per_key)
         self.epoch = 0  # the epoch the arrays in epoch_arrays belong to
         self.array_files: dict[str, dict[str, np.ndarray]] = {}
 
