@@ -71,7 +71,7 @@ class KillAt(Callback):
 
     ``steps``: at the end of these training steps (``global_step`` after the step), before the
     metrics of that step are logged. ``epoch_ends``: at the end of these epochs (0-based), after
-    the end-of-epoch ``last.ckpt``. ``validations``: at the first validation batch of these
+    the end-of-epoch ``last.ckpt``, before the next epoch's first step. ``validations``: at the first validation batch of these
     epochs. A point fires only if ``<dirpath>/killed_<point>`` does not exist yet (it is
     created first), so the resumed process, which has the same callback, goes past it.
     """
@@ -98,9 +98,11 @@ class KillAt(Callback):
         if trainer.global_step in self.steps:
             self._kill(f"step{trainer.global_step}")
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch in self.epoch_ends:
-            self._kill(f"epoch_end{trainer.current_epoch}")
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # ModelCheckpoint writes the end-of-epoch last.ckpt in on_train_epoch_end, and Lightning
+        # calls it after every other callback: the next epoch's start is the first hook after.
+        if trainer.current_epoch - 1 in self.epoch_ends:
+            self._kill(f"epoch_end{trainer.current_epoch - 1}")
 
     def on_validation_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if not trainer.sanity_checking and trainer.current_epoch in self.validations:

@@ -133,6 +133,22 @@ def test_sigterm_saves_a_checkpoint_ends_killed_and_resumes(root, reference):
     )
     assert all_runs(root)[0].info.status == "KILLED"
 
+    # An empty last.ckpt and no other checkpoint (best.ckpt comes at the epoch's end): one line,
+    # exit 2, and the run is left resumable.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    last.write_bytes(b"")
+    proc = run_cli(root, "resume=true", f"hydra.run.dir={run_dir}", tiny=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: resume=true is invalid here: {last} cannot be resumed from (the file is empty) "
+        f"and {last.parent} holds no other readable checkpoint; expected a readable last.ckpt "
+        f"(or move it away to restart run {stopped.info.run_id} from step 0, or pass "
+        "ckpt_path=<a checkpoint>)"
+    )
+    assert all_runs(root)[0].info.status == "KILLED"
+    last.write_bytes(saved)
+
     # Where things go may change (here: also log the final checkpoints to MLflow).
     proc = run_cli(
         root, *RUN, "resume=true", f"hydra.run.dir={run_dir}", "logger.log_model=true", tiny=False
@@ -201,8 +217,15 @@ def test_sigkill_at_each_kind_of_point_then_resume_gives_the_uninterrupted_run(r
         assert_consistent_so_far(root, run_id, reference)
     assert (run_dir / "checkpoints" / "last.ckpt.staged").exists()  # the step-40 one
 
+    # And last.ckpt is then damaged: the resume falls back to best.ckpt (an earlier epoch's end
+    # of the same run), says so, and still gives the uninterrupted run.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
     proc = run_cli(root, *again, tiny=False, env=probe_env())
     assert_ok(proc)
+    best = run_dir / "checkpoints" / "best.ckpt"
+    assert f"warning: {last} cannot be resumed from (torch.load cannot read it" in proc.stderr
+    assert f"resuming from {best} (global step " in proc.stderr
     (run,) = all_runs(root)
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     assert run.data.tags["rescalelab.resumes"] == str(len(points))

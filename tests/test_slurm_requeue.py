@@ -26,7 +26,7 @@ from tests.probes import probe_env
 RUN = ["trainer.max_epochs=2", "callbacks.last.every_n_train_steps=5"]  # 8 steps an epoch
 LOCAL = [
     "hydra/launcher=submitit_local",
-    "hydra.launcher._target_=rescalelab.submitit_requeue.LocalLauncher",
+    "hydra.launcher._target_=hydra_plugins.rescalelab_plugins.submitit_requeue.LocalLauncher",
     "hydra.callbacks.mlflow_sweep.report=false",
 ]
 

@@ -21,7 +21,7 @@ else it starts a new run from that state.
 
 A job that SLURM requeued (``SLURM_RESTART_COUNT`` > 0) resumes the run of its output directory
 without ``resume=true``; jobs that submitit requeues get ``resume=true`` from
-:mod:`rescalelab.submitit_requeue`.
+:mod:`hydra_plugins.rescalelab_plugins.submitit_requeue`.
 
 Every checkpoint is read (``torch.load``) before anything is tracked. An unreadable
 ``last.ckpt`` (empty, truncated) is replaced by the newest readable checkpoint of the same

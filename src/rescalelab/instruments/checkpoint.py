@@ -17,7 +17,8 @@ SIGINT/SIGTERM set a flag; at the end of the current step the checkpoint is stag
 at the next hook, and :class:`Interrupted` stops the fit (the run ends KILLED; ``resume=true``
 continues it). A second SIGINT stops at once. SIGUSR2, when someone handles it (submitit: SLURM's
 warning before a time-out or a preemption), is held back the same way: once the checkpoint is
-committed, the signal goes to that handler, which requeues the job (:mod:`rescalelab.submitit_requeue`).
+committed, the signal goes to that handler, which requeues the job
+(:mod:`hydra_plugins.rescalelab_plugins.submitit_requeue`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ directory from ``checkpoints/last.ckpt`` (:mod:`rescalelab.resume`), with no use
 :class:`~rescalelab.instruments.checkpoint.LastCheckpoint` holds SIGUSR2 back to the end of the
 current training step: it commits ``last.ckpt`` there, then hands the signal to submitit, so the
 requeued job loses no step. :class:`LocalLauncher` is the same for submitit's local executor
-(``hydra/launcher=submitit_local hydra.launcher._target_=rescalelab.submitit_requeue.LocalLauncher``),
+(``hydra/launcher=submitit_local hydra.launcher._target_=hydra_plugins.rescalelab_plugins.submitit_requeue.LocalLauncher``),
 which drives the same signal path on one machine.
 """
 
