@@ -10,8 +10,9 @@ step k's metrics: the commit waits for the queue
 (:meth:`~rescalelab.tracking.resilient.ResilientMLFlowLogger.flush`), so that a checkpoint asked
 for every N steps is committed at exactly those steps (one store write every N steps, measured
 in docs/reliability.md). While the store is unreachable nothing is committed and nobody waits:
-the previous ``last.ckpt`` stays, and a crash replays from there rather than losing steps. End-of-epoch checkpoints (``callbacks.checkpoint``,
-``save_last``) come after the epoch's metrics are logged and need no staging.
+the previous ``last.ckpt`` stays, and a crash replays from there rather than losing steps.
+End-of-epoch checkpoints (``callbacks.checkpoint``, ``save_last``) come after the epoch's
+metrics are logged and need no staging.
 
 SIGINT/SIGTERM set a flag; at the end of the current step the checkpoint is staged, committed
 at the next hook, and :class:`Interrupted` stops the fit (the run ends KILLED; ``resume=true``
@@ -160,9 +161,9 @@ class LastCheckpoint(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         # Step k's metrics are queued after its end-of-batch hooks: the first hook after them
-        # commits the checkpoint staged at step k. Not waiting here (only committing once the
-        # gathered delivery happened to go out) committed 4 of 12 checkpoints asked for every
-        # 10 steps: a later stage replaced the waiting one.
+        # commits the checkpoint staged at step k, waiting for them. Not waiting (committing
+        # only if the gathered delivery happened to be out) let a later stage replace the
+        # waiting one: asked every 10 steps of 48, only steps 10, 20 and 40 were committed.
         self._commit(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
