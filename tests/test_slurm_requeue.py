@@ -81,10 +81,10 @@ def test_sigusr2_requeues_the_submitit_job_which_resumes_its_run(root, reference
     with (root / "sweep.txt").open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=cli_env(), cwd=root)
         deadline = time.monotonic() + 600
-        while proc.poll() is None and _ckpt_step(job_ckpt) != 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while proc.poll() is None and not _ckpt_step(job_ckpt) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the first checkpoint: training is under way
         tasks = _task_pids(sweep)
-        assert len(tasks) == 1 and _ckpt_step(job_ckpt) == 5, (root / "sweep.txt").read_text()
+        assert len(tasks) == 1, (root / "sweep.txt").read_text()[-3000:]
         os.kill(tasks[0], signal.SIGUSR2)  # SLURM's warning: time limit near, or preempted
         proc.wait(timeout=600)
     output = (root / "sweep.txt").read_text()
