@@ -16,6 +16,7 @@ def _studies(root) -> dict[str, list[optuna.trial.FrozenTrial]]:
     return {n: optuna.load_study(study_name=n, storage=storage).trials for n in names}
 
 
+@pytest.mark.slow
 def test_a_second_optuna_sweep_continues_the_stored_study(root):
     sweep = ["hparams_search=optuna_lr", "hydra.callbacks.mlflow_sweep.report=false"]
     assert_ok(run_cli(root, *sweep, "hydra.sweeper.n_trials=2"))
