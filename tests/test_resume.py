@@ -1,5 +1,7 @@
-"""Resume: a CLI run killed mid-epoch (SIGKILL) or stopped (SIGTERM) continues in the same MLflow
-run and ends with exactly the metrics of an uninterrupted run with the same seed."""
+"""Resume: a CLI run killed (SIGKILL) at any point, before its first checkpoint, mid-epoch, at an
+epoch's end, during validation, in its last epoch, or stopped (SIGTERM), continues in the same
+MLflow run and ends with exactly the metrics of an uninterrupted run with the same seed; and
+``last.ckpt`` is committed at exactly the steps asked for."""
 
 from __future__ import annotations
 
@@ -17,23 +19,32 @@ from omegaconf import OmegaConf
 from rescalelab.data import TensorBatches
 from rescalelab.resume import check_unchanged, merge_overrides, plan_resume, write_run_files
 from tests.helpers import all_runs, assert_ok, cli_env, client, history, run_cli
+from tests.probes import committed_steps, probe_env
 
 STEPS_PER_EPOCH = 16  # 1024 / 64
 RUN = [
     "data.num_train=1024", "data.num_val=128", "data.batch_size=64", "trainer.max_epochs=3",
     "trainer.log_every_n_steps=2", "trainer.enable_progress_bar=false",
     "callbacks.last.every_n_train_steps=5",  # 5, 10, 15, 20, ...: never at an epoch's end
+    "schedule=cosine",  # a schedule whose position matters: α_k changes every step
 ]  # fmt: skip
+EVERY = 5
+EPOCH_ENDS = [16, 32, 48]  # callbacks.checkpoint (save_last) rewrites last.ckpt after each epoch
+COMMIT_LOG = ["+callbacks.commits._target_=tests.probes.CommitLog",
+              "+callbacks.commits.dirpath=${paths.output_dir}"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, migrated_db: Path) -> dict:
-    """The uninterrupted run: every metric's history."""
+    """The uninterrupted run: every metric's history, and the steps of its ``last.ckpt``s."""
     root = tmp_path_factory.mktemp("reference")
     shutil.copy(migrated_db, root / "mlflow.db")
-    assert_ok(run_cli(root, *RUN, tiny=False))
+    run_dir = root / "run"
+    proc = run_cli(root, *RUN, *COMMIT_LOG, f"hydra.run.dir={run_dir}", tiny=False, env=probe_env())
+    assert_ok(proc)
     (run,) = all_runs(root)
-    return {k: history(root, run.info.run_id, k) for k in run.data.metrics}
+    histories = {k: history(root, run.info.run_id, k) for k in run.data.metrics}
+    return {"histories": histories, "commits": committed_steps(run_dir)}
 
 
 def start_then_signal(root: Path, run_dir: Path, sig: int) -> tuple[int, str]:
@@ -55,7 +66,7 @@ def start_then_signal(root: Path, run_dir: Path, sig: int) -> tuple[int, str]:
 
 
 def assert_same_histories(root: Path, run_id: str, reference: dict) -> None:
-    for key, ref in reference.items():
+    for key, ref in reference["histories"].items():
         got = history(root, run_id, key)
         steps = [s for s, _ in got]
         assert steps == sorted(set(steps)), f"{key}: steps repeat or go back: {steps}"
@@ -88,6 +99,19 @@ def test_sigkill_mid_epoch_then_resume_continues_the_same_run(root, reference):
     assert_ok(proc)
     assert "already finished" in proc.stderr
     assert_same_histories(root, run.info.run_id, reference)
+    # ... but with a changed value it is the changed-config error, not "already finished".
+    proc = run_cli(root, "resume=true", f"hydra.run.dir={run_dir}", "optim.lr=0.2", tiny=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: optim.lr=0.2 is invalid with resume=true: the run being resumed has optim.lr="
+        )
+    )
+    assert "already finished" not in proc.stderr
+    (again,) = all_runs(root)
+    assert again.info.status == "FINISHED" and again.data.tags["rescalelab.resumes"] == "1"
 
 
 @pytest.mark.slow
@@ -109,6 +133,22 @@ def test_sigterm_saves_a_checkpoint_ends_killed_and_resumes(root, reference):
     )
     assert all_runs(root)[0].info.status == "KILLED"
 
+    # An empty last.ckpt and no other checkpoint (best.ckpt comes at the epoch's end): one line,
+    # exit 2, and the run is left resumable.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    last.write_bytes(b"")
+    proc = run_cli(root, "resume=true", f"hydra.run.dir={run_dir}", tiny=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: resume=true is invalid here: {last} cannot be resumed from (the file is empty) "
+        f"and {last.parent} holds no other readable checkpoint; expected a readable last.ckpt "
+        f"(or move it away to restart run {stopped.info.run_id} from step 0, or pass "
+        "ckpt_path=<a checkpoint>)"
+    )
+    assert all_runs(root)[0].info.status == "KILLED"
+    last.write_bytes(saved)
+
     # Where things go may change (here: also log the final checkpoints to MLflow).
     proc = run_cli(
         root, *RUN, "resume=true", f"hydra.run.dir={run_dir}", "logger.log_model=true", tiny=False
@@ -119,6 +159,77 @@ def test_sigterm_saves_a_checkpoint_ends_killed_and_resumes(root, reference):
     assert_same_histories(root, run.info.run_id, reference)
     logged = {a.path for a in client(root).list_artifacts(run.info.run_id, "checkpoints")}
     assert logged == {"checkpoints/best.ckpt", "checkpoints/last.ckpt"}
+
+
+def _ckpt_step(run_dir: Path) -> int | None:
+    path = run_dir / "checkpoints" / "last.ckpt"
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def assert_consistent_so_far(root: Path, run_id: str, reference: dict) -> None:
+    """What a killed run left in the store: no step twice, every value the reference's."""
+    for key, ref in reference["histories"].items():
+        got = history(root, run_id, key)
+        steps = [s for s, _ in got]
+        assert steps == sorted(set(steps)), f"{key}: steps repeat or go back: {steps}"
+        expected = dict(ref)
+        assert all(s in expected for s in steps), f"{key}: a step the reference lacks: {steps}"
+        assert [v for _, v in got] == pytest.approx([expected[s] for s in steps], rel=1e-6), key
+
+
+def test_last_ckpt_is_committed_at_exactly_the_steps_asked_for(reference):
+    """Every EVERY steps (mid-epoch, LastCheckpoint) and after every epoch (ModelCheckpoint)."""
+    mid_epoch = list(range(EVERY, 48, EVERY))
+    assert reference["commits"] == sorted(mid_epoch + EPOCH_ENDS)
+
+
+@pytest.mark.slow
+def test_sigkill_at_each_kind_of_point_then_resume_gives_the_uninterrupted_run(root, reference):
+    """One run killed five times, resumed after each kill with ``resume=true`` alone."""
+    run_dir = root / "run"
+    kill_at = [
+        "+callbacks.kill._target_=tests.probes.KillAt",
+        "+callbacks.kill.dirpath=${paths.output_dir}",
+        "+callbacks.kill.steps=[3,12,40]",
+        "+callbacks.kill.epoch_ends=[0]",
+        "+callbacks.kill.validations=[1]",
+    ]
+    # (where the process dies, the global_step of the last.ckpt it leaves)
+    points = [
+        ("step 3, before the first checkpoint", None),
+        ("step 12, mid-epoch", 10),
+        ("the end of epoch 0, after its last.ckpt", 16),
+        ("validation of epoch 1", 30),
+        ("step 40 of the last epoch, staged but not committed", 35),
+    ]
+    first = [*RUN, *kill_at, f"hydra.run.dir={run_dir}"]
+    again = ["resume=true", f"hydra.run.dir={run_dir}"]
+    run_id = None
+    for i, (where, step) in enumerate(points):
+        proc = run_cli(root, *(again if i else first), tiny=False, env=probe_env())
+        assert proc.returncode == -signal.SIGKILL, f"{where}: not killed\n{proc.stderr[-3000:]}"
+        assert _ckpt_step(run_dir) == step, where
+        (run,) = all_runs(root)  # one MLflow run, not one per attempt
+        assert run_id in (None, run.info.run_id) and run.info.status == "RUNNING", where
+        run_id = run.info.run_id
+        assert_consistent_so_far(root, run_id, reference)
+    assert (run_dir / "checkpoints" / "last.ckpt.staged").exists()  # the step-40 one
+
+    # And last.ckpt is then damaged: the resume falls back to best.ckpt (an earlier epoch's end
+    # of the same run), says so, and still gives the uninterrupted run.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    proc = run_cli(root, *again, tiny=False, env=probe_env())
+    assert_ok(proc)
+    best = run_dir / "checkpoints" / "best.ckpt"
+    assert f"warning: {last} cannot be resumed from (torch.load cannot read it" in proc.stderr
+    assert f"resuming from {best} (global step " in proc.stderr
+    (run,) = all_runs(root)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert run.data.tags["rescalelab.resumes"] == str(len(points))
+    assert_same_histories(root, run_id, reference)
 
 
 # -- the pieces, in-process ----------------------------------------------------------------------
@@ -190,7 +301,34 @@ def test_plan_resume_reads_the_directory(tmp_path):
     plan = plan_resume(cfg, tmp_path, ["resume=true", "norm=none"], multirun=False)
     assert plan is not None and plan.run_id == "abc123" and plan.ckpt_path is None
     assert plan.overrides == ["optim.lr=0.1", "resume=true", "norm=none"] and plan.recomposed
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    torch.save({"state_dict": {}, "global_step": 7, "loops": {}}, ckpts / "last.ckpt")
     plan = plan_resume(cfg, tmp_path, ["resume=true"], multirun=False)
-    assert plan is not None and plan.ckpt_path == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert plan is not None and plan.ckpt_path == str(ckpts / "last.ckpt")
+
+
+def test_an_unreadable_last_ckpt_falls_back_to_a_readable_one_or_is_one_line(tmp_path, capsys):
+    cfg = OmegaConf.create({"resume": True, "ckpt_path": None})
+    write_run_files(tmp_path, "abc123", ["optim.lr=0.1"])
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / "last.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"last.ckpt cannot be resumed from \(the file is empty\)"):
+        plan_resume(cfg, tmp_path, ["resume=true"], multirun=False)
+    torch.save({"state_dict": {}, "global_step": 9, "loops": {}}, ckpts / "last.ckpt.staged")
+    (ckpts / "other.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="holds no other readable checkpoint"):
+        plan_resume(cfg, tmp_path, ["resume=true"], multirun=False)  # never the staged one
+    torch.save({"state_dict": {}, "global_step": 8, "loops": {}}, ckpts / "best.ckpt")
+    whole = (ckpts / "best.ckpt").read_bytes()
+    (ckpts / "last.ckpt").write_bytes(whole[: len(whole) // 2])  # truncated
+    plan = plan_resume(cfg, tmp_path, ["resume=true"], multirun=False)
+    assert plan is not None and plan.ckpt_path == str(ckpts / "best.ckpt")
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"warning: {ckpts / 'last.ckpt'} cannot be resumed from (torch.load")
+    assert line.endswith(f"resuming from {ckpts / 'best.ckpt'} (global step 8) instead")
+    # ckpt_path= must read too.
+    bad = OmegaConf.create({"resume": False, "ckpt_path": str(ckpts / "other.ckpt")})
+    with pytest.raises(ValueError, match=r"ckpt_path=.*other.ckpt is invalid: torch.load cannot"):
+        plan_resume(bad, tmp_path, [], multirun=False)

@@ -18,14 +18,28 @@ position (:class:`~rescalelab.data.TensorBatches`' epoch and batch) and, through
 :class:`~rescalelab.instruments.checkpoint.RngState`, the global random generators. ``ckpt_path=<file>`` picks another
 checkpoint; it continues the run of the current output directory if that directory has one,
 else it starts a new run from that state.
+
+A job that SLURM requeued (``SLURM_RESTART_COUNT`` > 0) resumes the run of its output directory
+without ``resume=true``; jobs that submitit requeues get ``resume=true`` from
+:mod:`hydra_plugins.rescalelab_plugins.submitit_requeue`.
+
+Every checkpoint is read (``torch.load``) before anything is tracked. An unreadable
+``last.ckpt`` (empty, truncated) is replaced by the newest readable checkpoint of the same
+folder (``best.ckpt``: an earlier state of the same run, so the replayed steps log what they
+logged before), with one line saying so; ``last.ckpt.staged`` is never used, since its step's
+metrics may not have reached the store. With none readable it is one line, exit 2, and the run
+is left as it was (still resumable once the file is dealt with).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from omegaconf import DictConfig
 
@@ -77,16 +91,32 @@ def plan_resume(
     (``-m ... resume=true hydra.sweep.dir=<dir>``) a job that never started simply starts.
     """
     resume, ckpt = bool(cfg.get("resume") or False), cfg.get("ckpt_path")
+    out = Path(output_dir)
+    run_id = _read_run_id(out)
+    if not resume and ckpt is None and run_id is not None and requeued():
+        # SLURM started this job again (requeued after a preemption or a node failure) with
+        # the command it was submitted with: it continues its run rather than replacing it.
+        print(
+            f"requeued (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']}): resuming run "
+            f"{run_id} of {out}",
+            file=sys.stderr,
+        )
+        resume = True
     if not resume and ckpt is None:
         return None
-    out = Path(output_dir)
     if ckpt is not None:
         ckpt_file: Path | None = Path(str(ckpt)).expanduser()
         if not ckpt_file.is_file():
             raise ConfigError(f"ckpt_path={ckpt} is invalid: expected an existing checkpoint file")
+        step, problem = read_checkpoint(ckpt_file)
+        if problem:
+            raise ConfigError(
+                f"ckpt_path={ckpt} is invalid: {problem}; expected a checkpoint torch.load reads"
+            )
     else:
         ckpt_file = out / LAST_CKPT if (out / LAST_CKPT).is_file() else None
-    run_id = _read_run_id(out)
+        if ckpt_file is not None:
+            ckpt_file = _readable_or_fallback(ckpt_file, run_id)
     if run_id is None and ckpt_file is None:
         if multirun:
             return None
@@ -106,6 +136,55 @@ def plan_resume(
         overrides=merged,
         recomposed=merged != list(overrides),
     )
+
+
+def requeued() -> bool:
+    """This process is a SLURM job that SLURM requeued (``SLURM_RESTART_COUNT`` > 0)."""
+    count = os.environ.get("SLURM_RESTART_COUNT", "")
+    return count.isdigit() and int(count) > 0
+
+
+def read_checkpoint(path: Path) -> tuple[int | None, str | None]:
+    """``(global_step, None)`` for a checkpoint Lightning can resume from, else
+    ``(None, why not)``. It is read whole, as Lightning will read it: a truncated file fails."""
+    try:
+        if path.stat().st_size == 0:
+            return None, "the file is empty"
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any reason the load fails is the reason
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return None, f"torch.load cannot read it ({type(e).__name__}: {detail[:160]})"
+    if not isinstance(ckpt, dict) or not {"state_dict", "global_step", "loops"} <= ckpt.keys():
+        return None, "it is not a Lightning training checkpoint (no state_dict, global_step, loops)"
+    return int(ckpt["global_step"]), None
+
+
+def _readable_or_fallback(last: Path, run_id: str | None) -> Path:
+    """``last`` if it reads; else the newest readable ``*.ckpt`` beside it (said in one line);
+    else :class:`ConfigError`."""
+    _, problem = read_checkpoint(last)
+    if problem is None:
+        return last
+    found = []
+    for other in sorted(last.parent.glob("*.ckpt")):
+        if other != last:
+            step, bad = read_checkpoint(other)
+            if bad is None and step is not None:
+                found.append((step, other.name, other))
+    if not found:
+        run = f"run {run_id}" if run_id else "the run"
+        raise ConfigError(
+            f"resume=true is invalid here: {last} cannot be resumed from ({problem}) and "
+            f"{last.parent} holds no other readable checkpoint; expected a readable last.ckpt "
+            f"(or move it away to restart {run} from step 0, or pass ckpt_path=<a checkpoint>)"
+        )
+    step, _, path = max(found)
+    print(
+        f"warning: {last} cannot be resumed from ({problem}): resuming from {path} "
+        f"(global step {step}) instead",
+        file=sys.stderr,
+    )
+    return path
 
 
 def write_run_files(output_dir: str | Path, run_id: str, overrides: list[str]) -> None:

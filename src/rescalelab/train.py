@@ -116,12 +116,13 @@ def train(cfg: DictConfig) -> float | None:
     if plan is not None and plan.run_id is not None:
         run = tracking.reopen(plan.run_id)
         if isinstance(run, TrackedRun):
-            done, value = _already_done(run, metric, _diverged_value(hc))
-            if done:
-                return value
+            # A changed value is an error even when the run is over: it would not be this run.
             now = flatten(OmegaConf.to_container(cfg, resolve=True))
             now.update({k: str(v) for k, v in extra_params.items()})
             check_unchanged(run.recorded().data.params, now)
+            done, value = _already_done(run, metric, _diverged_value(hc))
+            if done:
+                return value
             skip = run.last_steps()
             run.mark_resumed()
     else:

@@ -4,17 +4,22 @@ A checkpoint taken at the end of training step k holds the state *after* step k,
 logs step k's metrics only after the end-of-batch hooks. A crash between the two would leave
 step k out of the metric histories forever (the resumed run starts at step k + 1). So
 :class:`LastCheckpoint` *stages* the checkpoint at the end of step k (``last.ckpt.staged``) and
-*commits* it (an atomic rename onto ``last.ckpt``) at the first hook where the metric queue holds
-nothing older (mid-epoch it asks at every batch start and never waits; at an epoch's end, the
-end of training and on a signal it waits,
-:meth:`~rescalelab.tracking.resilient.ResilientMLFlowLogger.flush`). While the
-store is unreachable nothing is committed: the previous ``last.ckpt`` stays, and a crash
-replays from there rather than losing steps. End-of-epoch checkpoints (``callbacks.checkpoint``,
-``save_last``) come after the epoch's metrics are logged and need no staging.
+*commits* it (an atomic rename onto ``last.ckpt``) at the next hook (the next batch start, the
+validation start, the epoch's end, the end of training), once the metric queue has delivered
+step k's metrics: the commit waits for the queue
+(:meth:`~rescalelab.tracking.resilient.ResilientMLFlowLogger.flush`), so that a checkpoint asked
+for every N steps is committed at exactly those steps (one store write every N steps, measured
+in docs/reliability.md). While the store is unreachable nothing is committed and nobody waits:
+the previous ``last.ckpt`` stays, and a crash replays from there rather than losing steps.
+End-of-epoch checkpoints (``callbacks.checkpoint``, ``save_last``) come after the epoch's
+metrics are logged and need no staging.
 
 SIGINT/SIGTERM set a flag; at the end of the current step the checkpoint is staged, committed
 at the next hook, and :class:`Interrupted` stops the fit (the run ends KILLED; ``resume=true``
-continues it). A second SIGINT stops at once.
+continues it). A second SIGINT stops at once. SIGUSR2, when someone handles it (submitit: SLURM's
+warning before a time-out or a preemption), is held back the same way: once the checkpoint is
+committed, the signal goes to that handler, which requeues the job
+(:mod:`hydra_plugins.rescalelab_plugins.submitit_requeue`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -53,6 +59,8 @@ class LastCheckpoint(Callback):
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # Held back to the end of the step, then passed on, when a handler is installed (submitit's).
+    HANDED_ON = (signal.SIGUSR2,)
 
     def __init__(
         self,
@@ -92,6 +100,9 @@ class LastCheckpoint(Callback):
         if self.on_signal and threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            for sig in self.HANDED_ON:
+                if callable(signal.getsignal(sig)):
+                    self._previous[sig] = signal.signal(sig, self._handle)
 
     def _restore_handlers(self) -> None:
         for sig, handler in self._previous.items():
@@ -116,23 +127,29 @@ class LastCheckpoint(Callback):
             trainer.save_checkpoint(self.staged, weights_only=False)
             self._staged_step = trainer.global_step
 
-    def _commit(self, trainer: pl.Trainer, wait: bool = True) -> None:
+    def _commit(self, trainer: pl.Trainer) -> None:
         if self._staged_step is not None:
-            if wait:
-                committed = self._metrics_delivered(trainer)
-            elif self._delivered_through(trainer, self._staged_step):
-                committed = True
-            else:
-                return  # the staged step's metrics are on their way: try at the next hook
+            committed = self._metrics_delivered(trainer)
             if trainer.is_global_zero and self.staged.exists():
                 if committed:
                     os.replace(self.staged, self.path)
                 else:
                     self.staged.unlink()
-            self._staged_step = None
+            step, self._staged_step = self._staged_step, None
             if self.signum is not None:
+                signum, previous = self.signum, self._previous.get(self.signum)
                 self._restore_handlers()
-                raise Interrupted(self.signum, str(self.path) if committed else None)
+                where = str(self.path) if committed else None
+                if signum in self.HANDED_ON and callable(previous):
+                    name = signal.Signals(signum).name
+                    print(
+                        f"{name}: training stopped at step {step} (checkpoint {where}); "
+                        "passing the signal on to its handler",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    previous(signum, None)  # submitit: requeue the job, then exit
+                raise Interrupted(signum, where)
 
     def _metrics_delivered(self, trainer: pl.Trainer) -> bool:
         flush = [getattr(lg, "flush", None) for lg in trainer.loggers]
@@ -140,22 +157,14 @@ class LastCheckpoint(Callback):
         healthy = all(getattr(lg, "healthy", True) for lg in trainer.loggers)
         return all(f(self.flush_timeout if healthy else 0.0) for f in waits)
 
-    @staticmethod
-    def _delivered_through(trainer: pl.Trainer, step: int) -> bool:
-        """No metric of a step before ``step`` is still queued (asks, never waits)."""
-        for lg in trainer.loggers:
-            pending = getattr(lg, "pending", None)
-            if callable(pending) and any(item[3] < step for item in pending()):
-                return False
-        return True
-
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # Mid-epoch the commit does not wait for the metric queue (the logger gathers its
-        # writes, a wait would cost the store's latency every N steps): it happens at the first
-        # batch start after the staged step's metrics are delivered. A signal commits at once.
-        self._commit(trainer, wait=self.signum is not None)
+        # Step k's metrics are queued after its end-of-batch hooks: the first hook after them
+        # commits the checkpoint staged at step k, waiting for them. Not waiting (committing
+        # only if the gathered delivery happened to be out) let a later stage replace the
+        # waiting one: asked every 10 steps of 48, only steps 10, 20 and 40 were committed.
+        self._commit(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
