@@ -96,7 +96,7 @@ def compose_or_explain(overrides: list[str], hydra_config: bool = False) -> Dict
 def check_command_line(argv: list[str]) -> None:
     """Compose the config of ``rescalelab-train <argv>``: a :class:`ConfigError` where Hydra
     would fail. Sweep overrides are left to :func:`check_sweep` (Hydra, too, applies them per
-    job). Command lines with other Hydra flags (``--cfg``, ``-cn``, ``--help`` …), and
+    job; without ``-m`` Hydra reports them itself). Command lines with other Hydra flags (``--cfg``, ``-cn``, ``--help`` …), and
     ``HYDRA_FULL_ERROR=1``, are left to Hydra."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         return
@@ -107,8 +107,9 @@ def check_command_line(argv: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as e:
         raise _parse_error(overrides, e) from None
-    if any(a in MULTIRUN_FLAGS for a in argv):
-        overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
+    # Sweep overrides are applied per job (by -m, or by hydra.mode=MULTIRUN in a preset such
+    # as hparams_search=optuna_lr): the primary config is composed without them, as Hydra does.
+    overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         compose_or_explain(overrides, hydra_config=True)
 

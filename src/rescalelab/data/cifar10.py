@@ -76,8 +76,9 @@ def read_pickle(path: Path) -> dict[bytes, Any]:
         with path.open("rb") as f:
             obj = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - damaged bytes raise almost any type
+        detail = " ".join(str(e).split())[:200]  # one line, whatever the unpickler said
         raise ConfigError(
-            f"data.root: cannot read {path} ({type(e).__name__}: {e}): the file is truncated "
+            f"data.root: cannot read {path} ({type(e).__name__}: {detail}): the file is truncated "
             f"or not a CIFAR-10 pickle; {LAYOUT}"
         ) from None
     if not isinstance(obj, dict):
