@@ -126,6 +126,8 @@ def check_store(tracking_uri: str) -> None:
     A URI naming a host (``http(s)://``, ``postgresql://`` …): the host accepts a TCP connection
     within :data:`PROBE_TIMEOUT` seconds. Any other URI: MLflow must know its scheme.
     """
+    if "://" not in tracking_uri and not tracking_uri.startswith(("databricks", "file:")):
+        return  # not a URI at all: validate.RULES says so, with the expected forms
     key = f"logger.tracking_uri={tracking_uri}"
     db = sqlite_path(tracking_uri)
     if db is not None:
