@@ -155,3 +155,18 @@ def truncate_file(path: Path, keep: float = 0.5) -> None:
 def write_garbage(path: Path) -> None:
     """A file with an image name whose bytes are no image at all."""
     path.write_bytes(b"this is not an image\n" * 20)
+
+
+def write_cifar_bad_module(path: Path) -> None:
+    """A CIFAR-10 batch pickle that names a module that does not exist (a damaged or foreign
+    pickle: the opcode stream of protocol 2 with ``nonexistent_module.thing`` as a global)."""
+    path.write_bytes(b"\x80\x02cnonexistent_module\nthing\nq\x00)\x81q\x01.")
+
+
+def write_cifar_string_labels(path: Path) -> None:
+    """Rewrite a CIFAR-10 batch pickle with its labels as strings (``b'labels': ['3', ...]``)."""
+    with path.open("rb") as f:
+        obj = pickle.load(f, encoding="bytes")
+    obj[b"labels"] = [str(v) for v in obj[b"labels"]]
+    with path.open("wb") as f:
+        pickle.dump(obj, f, protocol=2)

@@ -18,7 +18,15 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from rescalelab.validate import uncovered_keys, validate
-from tests.fixtures_data import truncate_file, wnid, write_cifar10, write_garbage, write_imagefolder
+from tests.fixtures_data import (
+    truncate_file,
+    wnid,
+    write_cifar10,
+    write_cifar_bad_module,
+    write_cifar_string_labels,
+    write_garbage,
+    write_imagefolder,
+)
 from tests.helpers import TINY, all_runs, cli_env, run_cli
 
 CONF = Path(__file__).resolve().parents[1] / "src" / "rescalelab" / "conf"
@@ -33,7 +41,16 @@ CASES: list[tuple[list[str], str]] = [
     (["data.batch_size=-8"], "data.batch_size=-8 is invalid"),
     (["data.batch_size=1.5"], "data.batch_size=1.5 is invalid"),
     (["data.num_train=0"], "data.num_train=0 is invalid"),
-    (["seed=-1"], "seed=-1 is invalid: expected an integer >= 0"),
+    (["seed=-1"], "seed=-1 is invalid: expected an integer in [0, 4294967295]"),
+    (["seed=4294967296"], "seed=4294967296 is invalid: expected an integer in [0, 4294967295]"),
+    # non-finite floats (1e400 is YAML's inf), rejected like nan
+    (["optim.lr=nan"], "optim.lr=nan is invalid: expected a number > 0"),
+    (["optim.lr=inf"], "optim.lr=inf is invalid: expected a number > 0"),
+    (["optim.lr=1e400"], "optim.lr=inf is invalid: expected a number > 0"),
+    (["optim.momentum=-inf"], "optim.momentum=-inf is invalid: expected a number in [0, 1)"),
+    # the launch: several CPU devices need trainer=ddp_cpu; float16 AMP needs a GPU
+    (["trainer.devices=4"], "trainer.devices=4 is invalid with trainer=cpu (one process): for several CPU processes use trainer=ddp_cpu"),
+    (["+trainer.precision=16-mixed"], "trainer.precision=16-mixed is invalid on a CPU: float16 AMP needs a GPU"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0 is invalid: expected an integer >= 1"),
     (["trainer.max_epochs=abc"], "trainer.max_epochs='abc' is invalid: expected an integer >= 1"),
     (["trainer.deterministic=maybe"], "trainer.deterministic='maybe' is invalid: expected true"),
@@ -42,9 +59,13 @@ CASES: list[tuple[list[str], str]] = [
     (["optim.layer_scale=wide"], "optim.layer_scale='wide' is invalid: expected one of: none, fanin"),
     (["data.batch_size=100000"], "data.batch_size=100000 is invalid: expected <= data.num_train=512"),
     (["data.field_noise=loud"], "data.field_noise='loud' is invalid: expected a number >= 0"),
-    # unknown option, unknown keys (overridden, or added with +)
-    (["norm=groupnorm"], "Could not find 'norm/groupnorm'"),
-    (["data.colour=red"], "Could not override 'data.colour'"),
+    # unknown option, unknown keys (overridden, or added with +): Hydra's words, on one line
+    (["norm=groupnorm"], "error: Could not find 'norm/groupnorm'; Available options in 'norm': bn, bn_warmup, none, whitening"),
+    (["norm=foo"], "error: Could not find 'norm/foo'; Available options in 'norm': bn, bn_warmup, none, whitening"),
+    (["data.colour=red"], "error: Could not override 'data.colour'; To append to your config use +data.colour=red"),
+    (["optim.lrr=0.1"], "error: Could not override 'optim.lrr'; To append to your config use +optim.lrr=0.1; did you mean optim.lr?"),
+    (["trainer.precision=16-mixed"], "error: Could not override 'trainer.precision'; To append to your config use +trainer.precision=16-mixed"),
+    (["optim.lr=[1"], "error: cannot parse the override 'optim.lr=[1': no viable alternative at input '[1'"),
     (
         ["+data.colour=red"],
         "error: data.colour is not a key of data (rescalelab.data.SyntheticImages): expected one "
@@ -75,6 +96,22 @@ CASES: list[tuple[list[str], str]] = [
     (["data=imagenet_subset", "data.fraction=1.5"], "data.fraction=1.5 is invalid: expected a fraction in (0, 1]"),
     (["data=cifar10", "data.root={data}/absent"], "data.root={data}/absent has no CIFAR-10 dataset"),
     (["data=cifar10", "data.root={data}/cifar_truncated"], "is truncated or not a CIFAR-10 pickle"),
+    (
+        ["data=cifar10", "data.root={data}/cifar_bad_module"],
+        "error: data.root: cannot read {data}/cifar_bad_module/cifar-10-batches-py/data_batch_3 "
+        "(UnpicklingError: it names nonexistent_module.thing, which CIFAR-10 never holds)",
+    ),
+    (
+        ["data=cifar10", "data.root={data}/cifar_string_labels"],
+        "error: data.root: {data}/cifar_string_labels/cifar-10-batches-py/test_batch has b'labels' "
+        "that are not a list of integers",
+    ),
+    # sweeps: every job is checked before the first starts; no parent run either
+    (["-m", "optim.lr=0.1,-1,0.2"], "error: job 1 (optim.lr=-1): optim.lr=-1 is invalid: expected a number > 0"),
+    (["-m", "optim.lr=-1,0.1"], "error: job 0 (optim.lr=-1): optim.lr=-1 is invalid: expected a number > 0"),
+    (["-m", "norm=bn,foo"], "error: job 1 (norm=foo): Could not find 'norm/foo'; Available options in 'norm':"),
+    (["-m", "optim.lr=0.1,0.2", "seed=0,4294967296"], "error: job 1 (optim.lr=0.1 seed=4294967296): seed=4294967296 is invalid"),
+    (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0"], "error: hydra.launcher.n_jobs=0 is invalid: expected an integer >= 1"),
     (
         ["data=imagenet_subset", "data.root={data}/imagenet_corrupt", "data.num_classes=null",
          "data.fraction=1.0", "data.image_size=32", "data.progress=false", "data.num_workers=0"],
@@ -112,6 +149,10 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     truncate_file(root / "cifar_truncated" / "cifar-10-batches-py" / "data_batch_2")
     write_imagefolder(root / "imagenet_corrupt", num_classes=2, train_counts=[3, 3], val_count=2)
     write_garbage(root / "imagenet_corrupt" / "train" / wnid(1) / f"{wnid(1)}_0.JPEG")
+    write_cifar10(root / "cifar_bad_module", per_batch=20, test=20)
+    write_cifar_bad_module(root / "cifar_bad_module" / "cifar-10-batches-py" / "data_batch_3")
+    write_cifar10(root / "cifar_string_labels", per_batch=20, test=20)
+    write_cifar_string_labels(root / "cifar_string_labels" / "cifar-10-batches-py" / "test_batch")
     return root
 
 
@@ -125,7 +166,8 @@ def test_bad_input_table_fails_cleanly(tmp_path, migrated_db, data_dir):
         roots.append(root)
         args = [o.format(data=data_dir) for o in overrides]
         base = TINY if not any(a.startswith("data=") for a in args) else TINY[3:]
-        argvs.append([*base, *args, f"paths.root={root}"])
+        flags = [a for a in args if a == "-m"]  # Hydra's flags come first
+        argvs.append([*flags, *base, *[a for a in args if a != "-m"], f"paths.root={root}"])
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps(argvs)],
         capture_output=True, text=True, timeout=900, env=cli_env(), cwd=tmp_path,
@@ -135,9 +177,11 @@ def test_bad_input_table_fails_cleanly(tmp_path, migrated_db, data_dir):
     failures = []
     for (overrides, message), root, result in zip(CASES, roots, results):
         message = message.format(data=data_dir)
+        lines = result["stderr"].strip().splitlines()
         problems = [
-            "exit 0" if result["code"] in (0, None) else "",
-            "" if message in result["stderr"] else f"no {message!r}",
+            "" if result["code"] == 2 else f"exit {result['code']}, expected 2",
+            "" if lines and message in lines[-1] else f"no {message!r} as the last line",
+            "" if sum(line.startswith("error:") for line in lines) == 1 else "not one error line",
             "Traceback" if "Traceback" in result["stderr"] else "",
             "a run in the store" if all_runs(root) else "",
         ]

@@ -131,6 +131,9 @@ def check_launch(cfg: DictConfig) -> None:
 
     * a CUDA accelerator needs CUDA devices (``trainer=gpu`` / ``trainer=ddp`` on a CPU machine),
       as many as ``trainer.devices``; ``trainer.precision=bf16-*`` needs bf16 support;
+    * on a CPU, ``trainer.precision=16-mixed`` is refused (Lightning would fail once the run
+      exists), and so are several devices without a strategy (``trainer=cpu
+      trainer.devices=4``: Lightning's launcher would re-execute the command line per rank);
     * the global batch ``data.batch_size`` must divide by the world size
       W = devices x ``trainer.num_nodes`` (``devices=auto`` resolved to the GPUs present);
     * several nodes need externally started ranks, and those ranks must number W;
@@ -161,9 +164,26 @@ def check_launch(cfg: DictConfig) -> None:
                 f"trainer.precision={precision} is invalid: this GPU has no bfloat16 support;"
                 " use 16-mixed or 32-true"
             )
+    elif str(t.get("precision", "32-true")) in ("16-mixed", "16") and (
+        accelerator == "cpu" or not torch.cuda.is_available()
+    ):
+        raise ConfigError(
+            f"trainer.precision={t.get('precision')} is invalid on a CPU: float16 AMP needs a "
+            "GPU (Lightning would silently train in bf16-mixed); expected 32-true or bf16-mixed"
+        )
     check_global_batch(cfg, devices)  # again, now that devices=auto is a number
     env = cluster_environment()
     if not env.creates_processes_externally:
+        several = (isinstance(devices, int) and devices > 1) or (
+            not isinstance(devices, (int, str)) and len(devices) > 1
+        )
+        if accelerator == "cpu" and several and not t.get("strategy"):
+            # Lightning's default DDP launcher re-executes the command line for each rank,
+            # which runs the whole Hydra app again; trainer=ddp_cpu spawns the ranks instead.
+            raise ConfigError(
+                f"trainer.devices={devices} is invalid with trainer={choice or 'cpu'} (one "
+                f"process): for several CPU processes use trainer=ddp_cpu trainer.devices={devices}"
+            )
         if num_nodes > 1:
             raise ConfigError(
                 f"trainer.num_nodes={num_nodes} is invalid here: several nodes need ranks started "

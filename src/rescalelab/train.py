@@ -10,9 +10,11 @@ FAILED, tagged ``rescalelab.status=diverged``, and the job returns normally (a s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +30,17 @@ from pytorch_lightning.callbacks import ProgressBar
 from rich.console import Console
 
 from rescalelab.distributed import check_launch
-from rescalelab.errors import ConfigError
+from rescalelab.errors import EXIT_DIVERGED, ConfigError, exit_bad_input
 from rescalelab.instruments.checkpoint import Interrupted, RngState
 from rescalelab.instruments.guard import Diverged
 from rescalelab.models.geometry import layer_geometry, rescalable_layers
 from rescalelab.module import Classifier
 from rescalelab.optim import build_optimizer, build_scheduler
+from rescalelab.preflight import check_command_line
 from rescalelab.resume import check_unchanged, plan_resume, write_run_files
 from rescalelab.tracking import TrackedRun, flatten, read_parent
 from rescalelab.tracking.resilient import PendingMetrics
+from rescalelab.tracking.store import check_store
 from rescalelab.validate import check_added_keys, check_num_classes, validate
 
 console = Console(stderr=True)
@@ -135,14 +139,16 @@ def train(cfg: DictConfig) -> float | None:
             extra_params=extra_params,
         )
         if run.run_id is not None:
-            write_run_files(output_dir, run.run_id, overrides)
-            # Files that define the data exactly (e.g. an ImageNet subset's file list).
-            run.log_files(getattr(parts["datamodule"], "artifacts", {}), "data")
-    logger = run.logger(
-        skip_through=skip, spill_path=Path(output_dir) / "undelivered_metrics.jsonl"
-    )
-    callbacks = [*parts["callbacks"], RngState(), PendingMetrics()]
-    trainer = _build("trainer", cfg.trainer, callbacks=callbacks, logger=logger)
+            with _ends_run_on_error(run):  # e.g. a full disk: the run must not stay RUNNING
+                write_run_files(output_dir, run.run_id, overrides)
+                # Files that define the data exactly (e.g. an ImageNet subset's file list).
+                run.log_files(getattr(parts["datamodule"], "artifacts", {}), "data")
+    with _ends_run_on_error(run):
+        logger = run.logger(
+            skip_through=skip, spill_path=Path(output_dir) / "undelivered_metrics.jsonl"
+        )
+        callbacks = [*parts["callbacks"], RngState(), PendingMetrics()]
+        trainer = _build("trainer", cfg.trainer, callbacks=callbacks, logger=logger)
     try:
         trainer.fit(
             parts["module"],
@@ -172,8 +178,8 @@ def train(cfg: DictConfig) -> float | None:
         # Lightning turns Ctrl+C into sys.exit(1); its SIGTERMException is a SystemExit.
         _finish(run, logger, "KILLED", {"rescalelab.status": "killed"})
         raise
-    except BaseException:
-        _finish(run, logger, "FAILED", {"rescalelab.status": "failed"})
+    except BaseException as e:
+        _finish(run, logger, "FAILED", _failure_tags(e))
         raise
     if trainer.interrupted:
         _finish(run, logger, "KILLED", {"rescalelab.status": "killed"})
@@ -219,6 +225,27 @@ def _already_done(run: TrackedRun, metric: str, diverged: float) -> tuple[bool, 
     return False, None
 
 
+def _failure_tags(error: BaseException) -> dict[str, str]:
+    """``rescalelab.status=failed`` and the reason: ``OSError: [Errno 28] No space left …``."""
+    lines = str(error).strip().splitlines()
+    reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return {"rescalelab.status": "failed", "rescalelab.failed_reason": reason[:500]}
+
+
+@contextlib.contextmanager
+def _ends_run_on_error(run: Any) -> Iterator[None]:
+    """Between the run's creation and the fit: an exception ends the run FAILED (an interrupt
+    KILLED), with the reason tagged, and is re-raised."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        _finish(run, None, "KILLED", {"rescalelab.status": "killed"})
+        raise
+    except BaseException as e:
+        _finish(run, None, "FAILED", _failure_tags(e))
+        raise
+
+
 def _finish(run: Any, logger: Any, status: str, tags: dict[str, str]) -> None:
     """Deliver the queued metrics, tag the outcome, set the final status."""
     close = getattr(logger, "close", None)
@@ -234,16 +261,33 @@ def _finish(run: Any, logger: Any, status: str, tags: dict[str, str]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def app(cfg: DictConfig) -> float | None:
+    """The Hydra task: one job. Bad input exits 2; a single run that diverged exits 1."""
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        return train(cfg)
+        uri = OmegaConf.select(cfg, "logger.tracking_uri", default=None)
+        if uri is not None:
+            check_store(str(uri))  # first: a bad store fails in seconds, before any build
+        value = train(cfg)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(e)
     except KeyboardInterrupt:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if multirun:
             raise  # stop the whole sweep
         sys.exit(128 + signal.SIGINT)
+    if not multirun and value is not None and math.isinf(value):
+        sys.exit(EXIT_DIVERGED)  # its run is FAILED, rescalelab.status=diverged; a sweep goes on
+    return value
+
+
+def main() -> None:
+    """``rescalelab-train``: the command line is composed once first, so that a config Hydra
+    cannot compose is one line and exit 2 (preflight.py), then Hydra runs the app."""
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as e:
+        exit_bad_input(e)
+    app()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ may hold ``*`` wildcards (``callbacks.*.dirpath``).
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -59,7 +60,8 @@ def _numbers(value: object, n: int, ok: Callable[[float], bool]) -> bool:
 
 
 RULES: list[Rule] = [
-    Rule("seed", int, lambda v: v >= 0, "an integer >= 0"),
+    # numpy and pl.seed_everything take 32-bit seeds
+    Rule("seed", int, lambda v: 0 <= v <= 2**32 - 1, "an integer in [0, 4294967295]"),
     Rule("optim.lr", float, lambda v: v > 0, "a number > 0"),
     Rule("optim.momentum", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     Rule("optim.weight_decay", float, lambda v: v >= 0, "a number >= 0"),
@@ -264,7 +266,10 @@ def _type_ok(value: object, kind: type | tuple[type, ...]) -> bool:
     if isinstance(kind, tuple):
         return any(_type_ok(value, k) for k in kind)
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        # inf and nan (also 1e400, which YAML reads as inf) are never a valid setting
+        return (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, kind)

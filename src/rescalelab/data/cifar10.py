@@ -47,14 +47,38 @@ def find_batches(root: Path) -> Path:
     return root / FOLDER
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds: dicts, lists, bytes, ints and numpy arrays.
+
+    A pickle can name any importable callable; a damaged (or hostile) file would otherwise
+    import modules and call them. Python 2 pickles are read with ``encoding="bytes"``.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which CIFAR-10 never holds")
+        return super().find_class(module, name)
+
+
 def read_pickle(path: Path) -> dict[bytes, Any]:
     """One CIFAR pickle (written by Python 2: keys come back as bytes)."""
     try:
         with path.open("rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as e:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except Exception as e:  # noqa: BLE001 - damaged bytes raise almost any type
+        detail = " ".join(str(e).split())[:200]  # one line, whatever the unpickler said
         raise ConfigError(
-            f"data.root: cannot read {path} ({type(e).__name__}: {e}): the file is truncated "
+            f"data.root: cannot read {path} ({type(e).__name__}: {detail}): the file is truncated "
             f"or not a CIFAR-10 pickle; {LAYOUT}"
         ) from None
     if not isinstance(obj, dict):
@@ -62,17 +86,35 @@ def read_pickle(path: Path) -> dict[bytes, Any]:
     return {k.encode() if isinstance(k, str) else k: v for k, v in obj.items()}
 
 
+def _int_labels(labels: object) -> bool:
+    if isinstance(labels, np.ndarray):
+        return labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer)
+    return isinstance(labels, list) and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels
+    )
+
+
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(x uint8 [n, 3, 32, 32], y int64 [n])`` from one batch file."""
     d = read_pickle(path)
     if b"data" not in d or b"labels" not in d:
         raise ConfigError(f"data.root: {path} lacks the keys b'data' and b'labels'; {LAYOUT}")
-    data, labels = np.asarray(d[b"data"]), np.asarray(d[b"labels"], dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+    data, labels = d[b"data"], d[b"labels"]
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or (data.shape[1] != 3072)
+    ):
+        found = f"{data.dtype}{list(data.shape)}" if isinstance(data, np.ndarray) else type(data)
         raise ConfigError(
-            f"data.root: {path} has b'data' {data.dtype}{list(data.shape)}, "
-            f"expected uint8 [n, 3072]; {LAYOUT}"
+            f"data.root: {path} has b'data' {found}, expected uint8 [n, 3072]; {LAYOUT}"
         )
+    if not _int_labels(labels):
+        raise ConfigError(
+            f"data.root: {path} has b'labels' that are not a list of integers; {LAYOUT}"
+        )
+    labels = np.asarray(labels, dtype=np.int64)
     if len(labels) != len(data) or (len(labels) and not 0 <= labels.min() <= labels.max() <= 9):
         raise ConfigError(
             f"data.root: {path} has {len(labels)} labels for {len(data)} images "
@@ -184,7 +226,9 @@ class CIFAR10(ImageDataModule):
             raise ConfigError(
                 f"data.root: {folder / META_FILE} lacks b'label_names' (10 names); {LAYOUT}"
             )
-        self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        self.classes = [
+            n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in names
+        ]
         parts = [read_batch(folder / n) for n in TRAIN_FILES]
         x_train = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         y_train = torch.from_numpy(np.concatenate([p[1] for p in parts]))

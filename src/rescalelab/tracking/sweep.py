@@ -1,9 +1,12 @@
 """Hydra callback that makes a multirun one MLflow experiment: a parent run with the jobs as children.
 
-``on_multirun_start`` runs once in the launching process, before any job: it creates the store
-and the experiment (so parallel jobs never race on a fresh SQLite file) and the parent run, and
-leaves the parent's id in ``<sweep dir>/mlflow_parent.json`` where every job (same process,
-joblib worker or SLURM task) finds it.
+``on_multirun_start`` runs once in the launching process, before any job: it checks every job
+of the sweep (:func:`rescalelab.preflight.check_sweep`: a bad job is one line, exit 2, and
+nothing is tracked), creates the store and the experiment (so parallel jobs never race on a
+fresh SQLite file) and the parent run, and leaves the parent's id in
+``<sweep dir>/mlflow_parent.json`` where every job (same process, joblib worker or SLURM task)
+finds it. With ``resume=true`` the parent run named there is reopened (RUNNING again, its tag
+``rescalelab.resumes`` counted) instead of a new one: resumed and new jobs stay under it.
 
 The swept keys are those of the command line's sweep overrides (``optim.lr=0.1,0.2``) *and*
 of ``hydra.sweeper.params`` (what presets and ``hparams_search`` configs sweep); they name the
@@ -29,9 +32,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from rescalelab.tracking.run import PARENT_FILE
+from rescalelab.errors import ConfigError, exit_bad_input
+from rescalelab.preflight import check_sweep
+from rescalelab.tracking.run import PARENT_FILE, read_parent
 from rescalelab.tracking.store import ensure_experiment
 
 FAILED_FILE = "failed_jobs.txt"  # one line per job that raised, written by the job's process
@@ -84,15 +90,25 @@ class MlflowSweepCallback(Callback):
         HydraConfig.instance().set_config(config)
         uri = str(OmegaConf.select(config, "logger.tracking_uri"))
         name = str(OmegaConf.select(config, "logger.experiment_name"))
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        experiment_id = ensure_experiment(uri, name)
         overrides = list(HydraConfig.get().overrides.task)
         params = OmegaConf.select(config, "hydra.sweeper.params")
         params = OmegaConf.to_container(params, resolve=False) if params is not None else None
         swept = swept_keys(overrides, params)
-        choices = OmegaConf.select(config, "hydra.runtime.choices") or {}
+        try:  # every job, before anything exists: a bad one is one line, exit 2, no parent
+            check_sweep(config, overrides, swept)
+        except ConfigError as e:
+            exit_bad_input(e)
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        experiment_id = ensure_experiment(uri, name)
         client = MlflowClient(uri)
+        if OmegaConf.select(config, "resume", default=False) is True:
+            old = self._reattach(client, sweep_dir, uri)
+            if old is not None:
+                self._parent, self._sweep_dir, self._closed = (uri, old), sweep_dir, False
+                atexit.register(self._close_at_exit)
+                return
+        choices = OmegaConf.select(config, "hydra.runtime.choices") or {}
         run = client.create_run(
             experiment_id,
             run_name=f"{name} sweep {datetime.now():%Y-%m-%d %H:%M:%S}",
@@ -120,6 +136,24 @@ class MlflowSweepCallback(Callback):
         )
         self._parent, self._sweep_dir, self._closed = (uri, run.info.run_id), sweep_dir, False
         atexit.register(self._close_at_exit)
+
+    def _reattach(self, client: MlflowClient, sweep_dir: Path, uri: str) -> str | None:
+        """``resume=true``: the parent run of ``sweep_dir`` (its ``mlflow_parent.json``), back to
+        RUNNING with ``rescalelab.resumes`` counted, or ``None`` when there is none to reopen."""
+        parent = read_parent(sweep_dir)
+        if parent is None or parent.get("tracking_uri", uri) != uri:
+            return None
+        try:
+            run = client.get_run(parent["run_id"])
+        except MlflowException:
+            return None  # the parent is not in this store: open a new one
+        resumes = int(run.data.tags.get("rescalelab.resumes", "0")) + 1
+        client.update_run(run.info.run_id, status="RUNNING")
+        client.set_tag(run.info.run_id, "rescalelab.resumes", str(resumes))
+        # The jobs that failed before run again: their failures no longer count.
+        (sweep_dir / FAILED_FILE).unlink(missing_ok=True)
+        print(f"resuming the sweep in {sweep_dir}: parent run {run.info.run_id}", file=sys.stderr)
+        return run.info.run_id
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """Runs in the job's process (a joblib worker, too): record a job that raised."""
