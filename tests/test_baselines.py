@@ -283,7 +283,7 @@ def test_warmup_cosine_refuses_what_it_cannot_do():
     with pytest.raises(ConfigError, match=r"schedule.warmup_epochs=5 is invalid with trainer.max_epochs=5"):
         _compose("method=sgd_tuned", "schedule.warmup_epochs=5", "trainer.max_epochs=5")
     opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (1, 2)])
-    cfg = _compose("schedule=warmup_cosine", "schedule.final_factor=0.1")
+    cfg = _compose("schedule=warmup_cosine", "schedule.final_factor=0.1", "schedule.warmup_epochs=1")
     with pytest.raises(ConfigError, match="schedule.final_factor=0.1 is invalid with per-group"):
         build_scheduler(cfg.schedule, opt, total_steps=40, total_epochs=4)
 
