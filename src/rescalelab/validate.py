@@ -282,9 +282,7 @@ RULES: list[Rule] = [
     ],
     Rule("model.blocks", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("model.width", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule(
-        "model.shortcut", str, lambda v: v in ("projection", "pad"), "one of: projection, pad"
-    ),
+    Rule("model.shortcut", str, lambda v: v in ("projection", "pad"), "one of: projection, pad"),
 ]
 # Structural keys: checked by instantiate itself ("Error locating target ...").
 STRUCTURAL = ("_target_", "*._target_", "_partial_", "*._partial_")

@@ -64,8 +64,14 @@ class WeightNorm(NormPlug):
 
     def __init__(self, mean_only_bn: bool = True, momentum: float = 0.1) -> None:
         if not isinstance(mean_only_bn, bool):
-            raise ConfigError(f"norm.mean_only_bn={mean_only_bn!r} is invalid: expected true or false")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
+            raise ConfigError(
+                f"norm.mean_only_bn={mean_only_bn!r} is invalid: expected true or false"
+            )
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, (int, float))
+            or not 0 < momentum <= 1
+        ):
             raise ConfigError(f"norm.momentum={momentum!r} is invalid: expected a number in (0, 1]")
         self.mean_only_bn, self.momentum = mean_only_bn, float(momentum)
 
