@@ -41,11 +41,15 @@ def test_every_new_method_trains_on_small_cnn_and_resnet20(root):
     seen = {(r.data.params["model._target_"].rsplit(".", 1)[-1], r.data.params["norm._target_"],
              r.data.params["optim._target_"]) for r in runs}  # fmt: skip
     assert len(runs) == 16 and len(seen) == 16
+    checked = 0
     for r in runs:  # sgd_tuned: W = 1 step of warm-up from 0.01 α, then cosine over P − W = 1
-        if r.data.params["optim._target_"] == "torch.optim.SGD":
+        tuned = r.data.params["schedule._target_"].endswith("warmup_cosine")
+        if r.data.params["optim._target_"] == "torch.optim.SGD" and tuned:
+            checked += 1
             assert r.data.params["optim.nesterov"] == "True"
             lr = history(root, r.info.run_id, "train/lr")
             assert lr == [(0, pytest.approx(0.1 * 0.01)), (1, pytest.approx(0.1))]
+    assert checked == 2  # small_cnn and resnet20
 
 
 def test_bn_warmup_on_resnet20_switches_exactly_and_the_schedule_continues(root):
