@@ -15,6 +15,8 @@ are not. Rows:
 5. ``data/<pipeline>``: images/s a pipeline delivers versus images/s a training step consumes.
 6. ``gpu``: bf16 autocast and ``torch.compile`` variants of the bare loop (on a CPU only when
    asked for with ``--rows gpu``).
+7. ``baselines/<model>``: one training step of each comparison norm (with SGD) and optimizer
+   (AdamW, SOAP, Muon, Nesterov SGD; no norm) against none + SGD, on small_cnn and resnet20.
 """
 
 from __future__ import annotations
@@ -320,6 +322,79 @@ def row_norm(device: str, quick: bool, model: str = "small_cnn") -> Comparison:
     return c
 
 
+def baseline_timer(
+    model_name: str, norm_name: str, optim_name: str, batch: int, steps: int, device: str,
+    image: int = 32,
+) -> Callable[[], float]:  # fmt: skip
+    """Seconds per training step of one norm plug and optimizer (docs/baselines.md)."""
+    from rescalelab import norm as norms
+    from rescalelab.models import ResNet20, SmallCNN
+    from rescalelab.optim.preconditioned import SOAP, Muon
+
+    plugs = {
+        "none": norms.NoNorm, "bn": norms.BatchNorm, "layernorm": norms.LayerNorm,
+        "groupnorm": norms.GroupNorm, "weightnorm": norms.WeightNorm,
+        "batch_renorm": norms.BatchRenormPlug, "whitening": norms.Whitening,
+    }  # fmt: skip
+    optims = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.01),
+        "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, nesterov=True),
+        "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3),
+        "soap": lambda p: SOAP(p), "muon": lambda p: Muon(p),
+    }  # fmt: skip
+    shape = (3, image, image)
+    plug = plugs[norm_name]()
+    model = (ResNet20 if model_name == "resnet20" else SmallCNN)(shape, 10, norm=plug).to(device)
+    plug.prepare(model, shape)
+    opt = optims[optim_name](list(model.parameters()))
+    x, y = _synthetic(batch * 4, shape, 10, device)
+    state = {"k": 0}
+
+    def run() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            i = state["k"] % 4
+            xb, yb = x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
+            plug.on_train_batch_start(model, xb, state["k"])
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            plug.before_optimizer_step(model)
+            opt.step()
+            state["k"] += 1
+        _sync(device)
+        return (time.perf_counter() - t0) / steps
+
+    return run
+
+
+BASELINE_NORMS = ("bn", "layernorm", "groupnorm", "weightnorm", "batch_renorm", "whitening")
+BASELINE_OPTIMS = ("sgd_nesterov", "adamw", "soap", "muon")
+
+
+def row_baselines(device: str, quick: bool) -> list[Comparison]:
+    """Step cost of each norm (with SGD) and each optimizer (no norm) relative to none + SGD."""
+    rows = []
+    models = ("small_cnn",) if quick else ("small_cnn", "resnet20")
+    for model in models:
+        if quick:
+            steps, rounds, batch, image = 2, 1, 32, 16
+        else:
+            steps, rounds, batch, image = (
+                (20, 7, 128, 32) if model == "small_cnn" else (3, 5, 128, 32)
+            )
+        fns = {"none+sgd": baseline_timer(model, "none", "sgd", batch, steps, device, image)}
+        for n in BASELINE_NORMS:
+            fns[f"{n}+sgd"] = baseline_timer(model, n, "sgd", batch, steps, device, image)
+        for o in BASELINE_OPTIMS:
+            fns[f"none+{o}"] = baseline_timer(model, "none", o, batch, steps, device, image)
+        samples = interleave(fns, rounds)
+        rows.append(compare(f"baselines step time ({model}, batch {batch}, {image}px)", samples,
+                            base="none+sgd"))  # fmt: skip
+    return rows
+
+
 def row_drift(root: Path, device: str, quick: bool) -> Comparison:
     # The drift schedule is dense early and sparse later (as is its probe), so its overhead is
     # measured over a run as long as the default experiment (10 epochs of 78 steps).
@@ -411,7 +486,7 @@ def run(
 ) -> dict[str, Any]:
     """Run the selected rows; return ``{"machine": ..., "rows": [Comparison as dict, ...]}``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    wanted = set(rows or ["framework", "norm", "drift", "data", "gpu"])
+    wanted = set(rows or ["framework", "norm", "drift", "data", "gpu", "baselines"])
     results: list[Comparison] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -419,6 +494,8 @@ def run(
             results.append(row_norm(device, quick))
             if _available("rescalelab.models.alexnet") and not quick:
                 results.append(row_norm(device, quick, model="alexnet"))
+        if "baselines" in wanted and _available("heavyball"):
+            results.extend(row_baselines(device, quick))
         if "framework" in wanted:
             results.extend(row_framework(root, device, quick))
         if "drift" in wanted and _available("rescalelab.instruments.drift"):
@@ -466,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
         "--quick", action="store_true", help="a smoke run in under a minute (numbers are noise)"
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--rows", nargs="*", help="subset of: framework norm drift data gpu")
+    p.add_argument("--rows", nargs="*", help="subset of: framework norm drift data gpu baselines")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.add_argument(
         "--tracking-uri", default=None, help="log to this MLflow store (experiment 'benchmarks')"

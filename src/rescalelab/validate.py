@@ -257,6 +257,27 @@ RULES: list[Rule] = [
         Rule(f"callbacks.drift.{k}", bool, allowed="true or false")
         for k in ("track_bn", "arrays", "figures")
     ],
+    # -- the comparison baselines (docs/baselines.md) ----------------------------------------
+    Rule("optim.nesterov", bool, allowed="true or false"),
+    Rule("optim.compile", bool, allowed="true or false"),
+    Rule("optim.shampoo_beta", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    Rule("optim.precondition_frequency", int, lambda v: v >= 1, "an integer >= 1"),
+    Rule("optim.max_precond_dim", int, lambda v: v >= 1, "an integer >= 1"),
+    Rule("schedule.warmup_epochs", float, lambda v: v >= 0, "a number >= 0"),
+    Rule("schedule.final_factor", float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    Rule("schedule.start_factor", float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    Rule("schedule.steps_per_epoch", int, lambda v: v >= 1, "an integer >= 1 or null"),
+    Rule("norm.groups", int, lambda v: v >= 1, "an integer >= 1"),
+    Rule("norm.mean_only_bn", bool, allowed="true or false"),
+    Rule("norm.r_max", float, lambda v: v >= 1, "a number >= 1"),
+    Rule("norm.d_max", float, lambda v: v >= 0, "a number >= 0"),
+    *[
+        Rule(f"norm.{k}", int, lambda v: v >= 0, "an integer >= 0")
+        for k in ("relax_start", "r_relax_steps", "d_relax_steps")
+    ],
+    Rule("model.blocks", int, lambda v: v >= 1, "an integer >= 1"),
+    Rule("model.width", int, lambda v: v >= 1, "an integer >= 1"),
+    Rule("model.shortcut", str, lambda v: v in ("projection", "pad"), "one of: projection, pad"),
 ]
 # Structural keys: checked by instantiate itself ("Error locating target ...").
 STRUCTURAL = ("_target_", "*._target_", "_partial_", "*._partial_")
@@ -320,7 +341,22 @@ def validate(cfg: DictConfig, rules: list[Rule] | None = None) -> None:
                 check_value(key, value, rule.kind, rule.ok, rule.allowed)
     check_global_batch(cfg)
     check_warmup(cfg)
+    check_schedule_warmup(cfg)
     check_theory(cfg)
+
+
+def check_schedule_warmup(cfg: DictConfig) -> None:
+    """``schedule.warmup_epochs`` must leave cosine epochs in a run of ``trainer.max_epochs``."""
+    warmup = OmegaConf.select(cfg, "schedule.warmup_epochs", default=None)
+    epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
+    if warmup is None or not isinstance(epochs, int) or max_steps not in (-1, None):
+        return
+    if warmup >= epochs:
+        raise ConfigError(
+            f"schedule.warmup_epochs={warmup!r} is invalid with trainer.max_epochs={epochs}: "
+            "expected fewer warm-up epochs than the run has"
+        )
 
 
 def check_theory(cfg: DictConfig) -> None:

@@ -3,6 +3,7 @@
 from rescalelab.models.alexnet import AlexNet
 from rescalelab.models.geometry import LayerGeometry, layer_geometry, rescalable_layers
 from rescalelab.models.linear import LinearModel
+from rescalelab.models.resnet import ResNet20
 from rescalelab.models.small_cnn import LeNet, SmallCNN
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "LayerGeometry",
     "LeNet",
     "LinearModel",
+    "ResNet20",
     "SmallCNN",
     "layer_geometry",
     "rescalable_layers",

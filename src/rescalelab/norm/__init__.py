@@ -10,6 +10,9 @@ Options: ``none`` (:class:`NoNorm`), ``bn`` (:class:`BatchNorm`), ``whitening``
 (:class:`~rescalelab.norm.whitening.Whitening`, the Lafond–Vasilache–Bottou reparametrization
 as a gradient transform) and ``bn_warmup`` (:class:`~rescalelab.norm.bn_warmup.BnWarmup`, BN
 epochs then an exact switch to whitening; the BN folding lives in ``rescalelab.norm.fold``).
+The comparison baselines (docs/baselines.md): ``layernorm``, ``groupnorm``
+(``rescalelab.norm.batch_independent``), ``weightnorm`` (``rescalelab.norm.weight_norm``) and
+``batch_renorm`` (``rescalelab.norm.batch_renorm``).
 """
 
 from __future__ import annotations
@@ -47,7 +50,20 @@ class BatchNorm(NormPlug):
 
 # Imported last: whitening needs rescalelab.models.geometry, and the models import NoNorm/NormPlug
 # from this package, which are defined above by then.
+from rescalelab.norm.batch_independent import GroupNorm, LayerNorm  # noqa: E402
+from rescalelab.norm.batch_renorm import BatchRenormPlug  # noqa: E402
 from rescalelab.norm.bn_warmup import BnWarmup  # noqa: E402
+from rescalelab.norm.weight_norm import WeightNorm  # noqa: E402
 from rescalelab.norm.whitening import Whitening  # noqa: E402
 
-__all__ = ["BatchNorm", "BnWarmup", "NoNorm", "NormPlug", "Whitening"]
+__all__ = [
+    "BatchNorm",
+    "BatchRenormPlug",
+    "BnWarmup",
+    "GroupNorm",
+    "LayerNorm",
+    "NoNorm",
+    "NormPlug",
+    "WeightNorm",
+    "Whitening",
+]

@@ -20,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.nn.utils import parametrize
 
 from rescalelab.errors import ConfigError
 from rescalelab.models.geometry import LayerGeometry, rescalable_layers
@@ -61,8 +62,8 @@ def param_groups(
     seen: set[int] = set()
     for name, layer in rescalable_layers(model):
         scale = geometry[name].scale if layer_scale == "fanin" and geometry else 1.0
-        decayed = [layer.weight]
-        plain = [layer.bias] if layer.bias is not None else []
+        decayed, plain = weight_params(layer)
+        plain += [layer.bias] if layer.bias is not None else []
         if not decay_exclude:
             decayed, plain = decayed + plain, []
         for suffix, params, wd in (("", decayed, weight_decay), (".no_decay", plain, 0.0)):
@@ -92,6 +93,24 @@ def param_groups(
     return groups
 
 
+def weight_params(layer: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(weights, gains)`` that make up ``layer.weight``.
+
+    A plain layer's weight is one parameter. A parametrized one (``norm=weightnorm``:
+    ``w = g·v/‖v‖``) is computed from its originals: those shaped like ``w`` (``v``) are
+    weights, the others (``g``) normalization gains, kept out of weight decay by
+    ``decay_exclude`` as BatchNorm's γ is.
+    """
+    if not parametrize.is_parametrized(layer, "weight"):
+        return [layer.weight], []
+    shape = layer.weight.shape
+    originals = list(layer.parametrizations.weight.parameters())
+    return (
+        [p for p in originals if p.shape == shape],
+        [p for p in originals if p.shape != shape],
+    )
+
+
 def build_optimizer(
     cfg: DictConfig, model: nn.Module, geometry: dict[str, LayerGeometry] | None
 ) -> torch.optim.Optimizer:
@@ -118,7 +137,8 @@ def build_scheduler(
     """Instantiate ``cfg`` (a partial scheduler factory) in Lightning's scheduler-dict form.
 
     ``total_steps`` / ``total_epochs`` (the run's length, known once a trainer exists) fill a
-    ``period: null`` key (``schedule=cosine``) in the schedule's own unit. Schedules that watch
+    ``period: null`` key (``schedule=cosine``) in the schedule's own unit, and a
+    ``steps_per_epoch: null`` key (``schedule=warmup_cosine``). Schedules that watch
     the training loss (``schedule=halving schedule.mode=plateau``) are stepped like the others:
     they receive the loss of every step through :func:`observe_loss`, not through Lightning's
     ``monitor`` (which only sees the steps that are logged).
@@ -131,11 +151,26 @@ def build_scheduler(
         length = total_steps if interval == "step" else total_epochs
         ok = length is not None and 0 < length < float("inf")
         ctor.period = int(length) if ok else None
+    if "steps_per_epoch" in ctor and ctor.steps_per_epoch is None:
+        ctor.steps_per_epoch = _steps_per_epoch(interval, total_steps, total_epochs)
     scheduler = instantiate(ctor)(optimizer)
     return {
         "scheduler": scheduler, "interval": interval, "frequency": int(own.get("frequency", 1)),
         "reduce_on_plateau": False,  # SmoothedPlateau observes the loss itself
     }  # fmt: skip
+
+
+def _steps_per_epoch(
+    interval: str, total_steps: int | float | None, total_epochs: int | None
+) -> int | None:
+    """Scheduler steps per epoch (``schedule=warmup_cosine``): 1 per epoch, or the run's
+    optimizer steps divided by its epochs; ``None`` while the run length is unknown."""
+    if interval == "epoch":
+        return 1
+    known = total_steps is not None and 0 < total_steps < float("inf")
+    if not known or not total_epochs or total_epochs < 1:
+        return None
+    return max(1, round(total_steps / total_epochs))
 
 
 def observe_loss(trainer: pl.Trainer, loss: torch.Tensor) -> None:

@@ -9,6 +9,9 @@ epochs with ``interval: epoch``); ``α_0 = optim.lr`` is the first stepsize used
 * ``halving``   α_k = α · 2^(-⌊k/T⌋), or ÷2 whenever the smoothed training loss stops decreasing
 * ``inverse``   α_k = β/(γ + k + 1), β = α(γ + 1)                 (Theorem 4.7, BCN's k = ours + 1)
 * ``cosine``    α_k = α · (m + (1 − m) · ½(1 + cos(π k/P)))       (P = the whole run by default)
+* ``warmup_cosine``  α_k = α (s + (1 − s) k/W) for k < W, then
+                α_k = α (f + (1 − f) · ½(1 + cos(π (k − W)/(P − W))))  (torch's LinearLR,
+                CosineAnnealingLR and SequentialLR; W = warmup_epochs × steps per epoch)
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+from torch.optim.lr_scheduler import (
+    CosineAnnealingLR,
+    LambdaLR,
+    LinearLR,
+    LRScheduler,
+    ReduceLROnPlateau,
+    SequentialLR,
+)
 
 from rescalelab.errors import ConfigError
 
@@ -175,3 +185,70 @@ def cosine(
             f"schedule.min_factor={min_factor} is invalid: expected a number in [0, 1]"
         )
     return LambdaLR(optimizer, CosineFactor(period, float(min_factor)))
+
+
+class WarmupCosine(SequentialLR):
+    """``SequentialLR(LinearLR, CosineAnnealingLR)`` that can continue on rebuilt param groups.
+
+    ``norm=bn_warmup`` rebuilds the optimizer at its switch (the BatchNorm parameters are gone)
+    and hands it the old scheduler's state; the wrapped schedulers' per-group ``base_lrs`` of
+    that state are then of the old groups. They are kept from this scheduler's own groups
+    when the counts differ (the stepsizes themselves continue from the groups' ``lr``).
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        own = [list(s.base_lrs) for s in self._schedulers]
+        super().load_state_dict(state_dict)
+        n = len(self.optimizer.param_groups)
+        for scheduler, base in zip(self._schedulers, own):
+            if len(scheduler.base_lrs) != n:
+                scheduler.base_lrs = base
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    warmup_epochs: float = 5.0,
+    final_factor: float = 0.0,
+    start_factor: float = 0.01,
+    period: int | None = None,
+    steps_per_epoch: int | None = None,
+) -> LRScheduler:
+    """Linear warm-up from α·s to α over W steps, then cosine from α to α·f at step P.
+
+    ``W = round(warmup_epochs × steps_per_epoch)`` (the schedule's steps per epoch: batches
+    per epoch with ``interval: step``, 1 with ``interval: epoch``) and ``P = period`` (the
+    whole run); both are filled in by ``build_scheduler`` when null. Built from torch's
+    schedulers: ``LinearLR(s, 1, W)`` then ``CosineAnnealingLR(P − W, η_min = f·α)``, joined
+    by ``SequentialLR`` at milestone W. torch's ``η_min`` is one number for all groups, so
+    ``final_factor > 0`` needs one base stepsize in every group (``optim.layer_scale=none``);
+    with ``final_factor = 0`` every group's stepsize is its own base times the same factor.
+    """
+    checks = [
+        ("warmup_epochs", warmup_epochs, warmup_epochs >= 0, "a number >= 0"),
+        ("final_factor", final_factor, 0 <= final_factor <= 1, "a number in [0, 1]"),
+        ("start_factor", start_factor, 0 < start_factor <= 1, "a number in (0, 1]"),
+    ]
+    for key, value, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"schedule.{key}={value!r} is invalid: expected {allowed}")
+    dry = period is None or steps_per_epoch is None  # before the run length is known
+    period = 2 if period is None else int(period)
+    warmup = 0 if dry else round(warmup_epochs * steps_per_epoch)
+    if not dry and warmup >= period:
+        raise ConfigError(
+            f"schedule.warmup_epochs={warmup_epochs!r} is invalid: the warm-up ({warmup} "
+            f"steps) leaves no cosine steps in a run of {period}: expected fewer warm-up epochs"
+        )
+    bases = {g["lr"] for g in optimizer.param_groups}
+    if final_factor > 0 and len(bases) > 1:
+        raise ConfigError(
+            f"schedule.final_factor={final_factor!r} is invalid with per-group stepsizes "
+            "(optim.layer_scale=fanin): expected 0, since torch's CosineAnnealingLR has one "
+            "eta_min for all groups"
+        )
+    eta_min = final_factor * next(iter(bases))
+    cosine = CosineAnnealingLR(optimizer, T_max=period - warmup, eta_min=eta_min)
+    if warmup == 0:
+        return cosine
+    linear = LinearLR(optimizer, start_factor=start_factor, end_factor=1.0, total_iters=warmup)
+    return WarmupCosine(optimizer, [linear, cosine], milestones=[warmup])
