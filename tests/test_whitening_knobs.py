@@ -136,8 +136,8 @@ def test_eps_mode_relative_is_eps_times_the_mean_input_variance():
 def test_max_scale_clips_at_max_scale_times_the_layer_median():
     lin, wl = _layer(max_scale=3.0)
     plain = 6**-0.5 / (lin.rescale_var.clone() + EPS)
-    median = plain.median()  # torch's lower median of the 6 values: that of Var = 0.5
-    assert float(median) == pytest.approx(6**-0.5 / (0.5 + EPS))
+    median = plain.median()  # torch's lower median of the 6 values: that of Var = 1
+    assert float(median) == pytest.approx(6**-0.5 / (1.0 + EPS))
     expected = torch.minimum(plain, 3.0 * median)
     assert expected[0] == expected[1] == pytest.approx(3.0 * float(median))  # clipped
     assert torch.equal(expected[2:], plain[2:])  # the others untouched
