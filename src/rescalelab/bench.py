@@ -17,6 +17,8 @@ are not. Rows:
    asked for with ``--rows gpu``).
 7. ``baselines/<model>``: one training step of each comparison norm (with SGD) and optimizer
    (AdamW, SOAP, Muon, Nesterov SGD; no norm) against none + SGD, on small_cnn and resnet20.
+8. ``train_eval``: a fit with ``callbacks=train_eval`` (the eval-mode pass over the training set
+   at every epoch end) versus ``callbacks=default``, and with ``data.train_eval_size=1024``.
 """
 
 from __future__ import annotations
@@ -414,6 +416,29 @@ def row_drift(root: Path, device: str, quick: bool) -> Comparison:
     return c
 
 
+def row_train_eval(root: Path, device: str, quick: bool) -> Comparison:
+    """The cost of ``train_eval/loss``: one no-grad forward over the ~10k training samples per
+    epoch, i.e. about (forward cost) / (training-step cost) ≈ 1/3 of an epoch's time."""
+    steps, epochs, rounds, batch = (20, 2, 2, 128) if quick else (780, 10, 5, 128)
+    trainer = ["trainer=gpu"] if device.startswith("cuda") else []
+    variants = {
+        "default": ["callbacks=default"],
+        "train_eval": ["callbacks=train_eval"],
+        "train_eval_1024": ["callbacks=train_eval", "data.train_eval_size=1024"],
+    }
+    samples = interleave(
+        {
+            name: fit_timer(root, [*trainer, *extra], steps, batch, logger=True, epochs=epochs)
+            for name, extra in variants.items()
+        },
+        rounds,
+    )
+    c = compare("train_eval callback (every epoch)", samples, base="default")
+    c.target = "train_eval / default step time <= 1.40 (one forward pass per epoch)"
+    c.holds = c.ratios["train_eval"][1] <= 1.40
+    return c
+
+
 def row_gpu_variants(device: str, quick: bool) -> Comparison:
     """bf16 autocast and ``torch.compile`` against fp32, bare loop (row 6).
 
@@ -502,6 +527,8 @@ def run(
             results.append(row_drift(root, device, quick))
         if "data" in wanted and (data_rows := _data_rows(device, quick)) is not None:
             results.extend(data_rows)
+        if rows is None or "train_eval" in wanted:
+            results.append(row_train_eval(root, device, quick))
         if "gpu" in wanted and (device.startswith("cuda") or rows):
             results.append(row_gpu_variants(device, quick))
     return {
@@ -543,7 +570,10 @@ def main(argv: list[str] | None = None) -> None:
         "--quick", action="store_true", help="a smoke run in under a minute (numbers are noise)"
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--rows", nargs="*", help="subset of: framework norm drift data gpu baselines")
+    p.add_argument(
+        "--rows", nargs="*",
+        help="subset of: framework norm drift data gpu baselines train_eval",
+    )  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.add_argument(
         "--tracking-uri", default=None, help="log to this MLflow store (experiment 'benchmarks')"

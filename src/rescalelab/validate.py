@@ -80,6 +80,12 @@ RULES: list[Rule] = [
     Rule("norm.interval", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("norm.init_batches", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("norm.warmup_epochs", int, lambda v: v >= 0, "an integer >= 0"),
+    Rule(
+        "norm.eps_mode", str, lambda v: v in ("absolute", "relative"), "one of: absolute, relative"
+    ),
+    Rule("norm.max_scale", float, lambda v: v >= 1, "null or a number >= 1"),
+    Rule("norm.min_active", float, lambda v: 0 < v <= 1, "null or a fraction in (0, 1]"),
+    Rule("data.train_eval_size", int, lambda v: v >= 1, "null or an integer >= 1"),
     Rule("trainer.max_epochs", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("trainer.log_every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("trainer.num_nodes", int, lambda v: v >= 1, "an integer >= 1"),
@@ -99,6 +105,7 @@ RULES: list[Rule] = [
     Rule("data.lam", float, lambda v: v >= 0, "a number >= 0"),
     Rule("data.label_noise", float, lambda v: v >= 0, "a number >= 0"),
     Rule("callbacks.theory.every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
+    Rule("callbacks.train_eval.every_n_epochs", int, lambda v: v >= 1, "an integer >= 1"),
     # -- the rest of the schema: every key of every option has a rule (see uncovered_keys) ----
     Rule("resume", bool, allowed="true or false"),
     Rule("optimized_metric", str, lambda v: bool(v), "a logged metric such as val/loss"),

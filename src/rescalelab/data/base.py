@@ -4,10 +4,23 @@ A dataset tells the model builder its ``input_shape`` and ``num_classes`` (so mo
 never repeat them), validates its own keys, and serves :class:`TensorBatches` (or, for image
 folders, a DataLoader). ``setup`` does all file reading, so a missing or broken dataset fails
 before any MLflow run exists.
+
+``label_noise`` (every image option) turns a dataset into a memorization task (Zhang et al.
+2017): right after the training split is loaded, ``round(p × n_train)`` training samples chosen
+from the seed get a label drawn uniformly from the ``K`` classes (so a fraction ``p (1 − 1/K)``
+actually changes; ``p = 1`` is random labels). Validation labels stay clean. The replaced
+indices, with their clean and new labels, are the artifact ``data/label_noise.tsv``.
+``train_eval_size`` sizes the clean eval-mode pass over the training set that
+``callbacks.train_eval`` logs as ``train_eval/loss`` (see :meth:`TensorDataModule.train_eval_batches`).
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -29,6 +42,55 @@ def check_fraction(key: str, value: float) -> None:
         raise ConfigError(f"{key}={value} is invalid: expected a fraction in (0, 1]")
 
 
+TRAIN_EVAL_DEFAULT = 10_000  # train_eval_size=null: the whole set up to this many samples
+
+
+def check_label_noise(label_noise: float, train_eval_size: int | None) -> None:
+    """One-line :class:`ConfigError` for ``data.label_noise`` and ``data.train_eval_size``."""
+    if (
+        isinstance(label_noise, bool)
+        or not isinstance(label_noise, (int, float))
+        or not (0 <= label_noise <= 1)
+    ):
+        raise ConfigError(
+            f"data.label_noise={label_noise!r} is invalid: expected a fraction in [0, 1]"
+        )
+    if train_eval_size is not None and (
+        isinstance(train_eval_size, bool)
+        or not isinstance(train_eval_size, int)
+        or train_eval_size < 1
+    ):
+        raise ConfigError(
+            f"data.train_eval_size={train_eval_size!r} is invalid: expected null or an integer >= 1"
+        )
+
+
+def noisy_labels(
+    y: torch.Tensor, num_classes: int, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(labels, replaced)``: ``round(fraction × n)`` labels, at indices drawn from ``seed``,
+    replaced by labels drawn uniformly from ``num_classes`` (a stream of its own, so the data
+    itself and the training order do not move); ``replaced`` is sorted."""
+    g = torch.Generator().manual_seed(seed * 1_000_033 + 20_170_101)
+    n = len(y)
+    replaced = torch.randperm(n, generator=g)[: round(fraction * n)].sort().values
+    new = torch.randint(0, num_classes, (len(replaced),), generator=g).to(y.dtype)
+    out = y.clone()
+    out[replaced.to(y.device)] = new.to(y.device)
+    return out, replaced
+
+
+def write_label_noise(clean: torch.Tensor, noisy: torch.Tensor, replaced: torch.Tensor) -> Path:
+    """The artifact of the replaced labels (``index, clean, label``), in a folder removed at exit."""
+    out = Path(tempfile.mkdtemp(prefix="rescalelab-label-noise-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    c, z = clean.cpu()[replaced].tolist(), noisy.cpu()[replaced].tolist()
+    rows = "".join(f"{i}\t{a}\t{b}\n" for i, a, b in zip(replaced.tolist(), c, z))
+    path = out / "label_noise.tsv"
+    path.write_text("index\tclean\tlabel\n" + rows)
+    return path
+
+
 class TensorDataModule(pl.LightningDataModule):
     """A dataset held as tensors ``(x_train, y_train, x_val, y_val)`` in memory.
 
@@ -39,8 +101,19 @@ class TensorDataModule(pl.LightningDataModule):
     input_shape: tuple[int, ...]
     num_classes: int
 
-    def __init__(self, batch_size: int = 128, seed: int = 0, val_batch_size: int | None = None):
+    def __init__(
+        self,
+        batch_size: int = 128,
+        seed: int = 0,
+        val_batch_size: int | None = None,
+        label_noise: float = 0.0,
+        train_eval_size: int | None = None,
+    ):
         super().__init__()
+        check_label_noise(label_noise, train_eval_size)
+        self.label_noise, self.train_eval_size = float(label_noise), train_eval_size
+        self.replaced: torch.Tensor | None = None  # training indices whose label was redrawn
+        self.artifacts: dict[str, Path] = {}  # logged under data/ by train.py
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ConfigError(f"data.batch_size={batch_size} is invalid: expected an integer > 0")
         self.batch_size = batch_size
@@ -65,15 +138,59 @@ class TensorDataModule(pl.LightningDataModule):
     def describe(self) -> dict[str, Any]:
         """Facts about the data worth logging as MLflow params (sizes, hashes)."""
         assert self.tensors is not None
-        return {"num_train": len(self.tensors["x_train"]), "num_val": len(self.tensors["x_val"])}
+        facts = {"num_train": len(self.tensors["x_train"]), "num_val": len(self.tensors["x_val"])}
+        if self.replaced is not None:
+            facts["num_noisy_labels"] = len(self.replaced)
+        return facts
 
     # -- Lightning hooks ------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.tensors is None:
             self.tensors = self.load()
+        self._add_label_noise()
         if self.trainer is not None:
             device = self.trainer.strategy.root_device
             self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+
+    def _add_label_noise(self) -> None:
+        """Redraw ``label_noise`` of the training labels, once (setup runs more than once)."""
+        if self.label_noise == 0 or self.replaced is not None or self.tensors is None:
+            return
+        clean = self.tensors["y_train"]
+        noisy, self.replaced = noisy_labels(clean, self.num_classes, self.label_noise, self.seed)
+        self.tensors = {**self.tensors, "y_train": noisy}
+        self.artifacts["label_noise.tsv"] = write_label_noise(clean, noisy, self.replaced)
+
+    def train_eval_indices(self, n_train: int) -> torch.Tensor:
+        """The training samples of the clean pass: all of them when ``train_eval_size`` is null
+        and ``n_train <= 10 000``, else a fixed sorted subset of that size drawn from the seed."""
+        size = self.train_eval_size
+        if size is None:
+            size = min(n_train, TRAIN_EVAL_DEFAULT)
+        if size >= n_train:
+            return torch.arange(n_train)
+        g = torch.Generator().manual_seed(self.seed * 1_000_037 + 31_337)
+        return torch.randperm(n_train, generator=g)[:size].sort().values
+
+    def train_eval_batches(self, rank: int = 0, world_size: int = 1) -> Iterable[Any]:
+        """Batches ``(x, y)`` of this rank's contiguous slice of :meth:`train_eval_indices`, with
+        the *eval* transform (no augmentation) and the training labels (noisy ones included)."""
+        assert self.tensors is not None
+        x, y = self.tensors["x_train"], self.tensors["y_train"]
+        idx = self.train_eval_indices(len(x))
+        lo, hi = rank * len(idx) // world_size, (rank + 1) * len(idx) // world_size
+        if len(idx) == len(x):  # the whole set: a view, no copy
+            x, y = x[lo:hi], y[lo:hi]
+        else:
+            idx = idx[lo:hi].to(x.device)
+            x, y = x.index_select(0, idx), y.index_select(0, idx)
+        return TensorBatches(
+            x,
+            y,
+            self.val_batch_size,
+            shuffle=False,
+            transform=self.eval_transform(),
+        )
 
     def _rank(self) -> tuple[int, int]:
         if self.trainer is None:

@@ -169,8 +169,13 @@ class CIFAR10(ImageDataModule):
         num_val: int | None = None,
         batch_size: int = 128,
         seed: int = 0,
+        label_noise: float = 0.0,
+        train_eval_size: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed)
+        super().__init__(
+            batch_size=batch_size, seed=seed, label_noise=label_noise,
+            train_eval_size=train_eval_size,
+        )  # fmt: skip
         _optional_count("data.num_train", num_train)
         _optional_count("data.num_val", num_val)
         if not isinstance(crop_padding, int) or crop_padding < 0:

@@ -64,8 +64,13 @@ class Digits(ImageDataModule):
         num_val: int | None = None,
         batch_size: int = 128,
         seed: int = 0,
+        label_noise: float = 0.0,
+        train_eval_size: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed)
+        super().__init__(
+            batch_size=batch_size, seed=seed, label_noise=label_noise,
+            train_eval_size=train_eval_size,
+        )  # fmt: skip
         if not isinstance(image_size, int) or image_size < 8:
             raise ConfigError(f"data.image_size={image_size} is invalid: expected an integer >= 8")
         if channels not in (1, 3):

@@ -56,7 +56,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from rescalelab.data.augment import ImageBatchTransform
-from rescalelab.data.base import TensorDataModule, check_fraction
+from rescalelab.data.base import (
+    TensorDataModule,
+    check_fraction,
+    noisy_labels,
+    write_label_noise,
+)
 from rescalelab.data.tensor_batches import BatchTransform, TensorBatches
 from rescalelab.errors import ConfigError
 
@@ -561,8 +566,13 @@ class ImageNetSubset(TensorDataModule):
         progress: bool = True,
         batch_size: int = 128,
         seed: int = 0,
+        label_noise: float = 0.0,
+        train_eval_size: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed)
+        super().__init__(
+            batch_size=batch_size, seed=seed, label_noise=label_noise,
+            train_eval_size=train_eval_size,
+        )  # fmt: skip
         check_fraction("data.fraction", fraction)
         check_fraction("data.val_fraction", val_fraction)
         if classes is not None:
@@ -682,6 +692,13 @@ class ImageNetSubset(TensorDataModule):
             skipped.write_text("split\tpath\terror\n" + "".join(
                 f"{s}\t{p}\t{e}\n" for s, p, e in subset.skipped))  # fmt: skip
             self.artifacts["subset_skipped.tsv"] = skipped
+        if self.label_noise:  # the folder's labels are the file list's: redraw them there
+            clean = torch.tensor([label for _, label in subset.train])
+            noisy, self.replaced = noisy_labels(
+                clean, self.num_classes, self.label_noise, self.seed
+            )
+            subset.train = [(path, y) for (path, _), y in zip(subset.train, noisy.tolist())]
+            self.artifacts["label_noise.tsv"] = write_label_noise(clean, noisy, self.replaced)
         self._check_batch(len(subset.train))
 
     def _check_batch(self, n_train: int) -> None:
@@ -758,6 +775,18 @@ class ImageNetSubset(TensorDataModule):
         assert self.subset is not None
         self._eval_tf = self.eval_transform()
         return self.folder_loader("val", self.val_batch_size, train=False)
+
+    def train_eval_batches(self, rank: int = 0, world_size: int = 1) -> Iterable[Any]:
+        if self.cache is not None:
+            return super().train_eval_batches(rank, world_size)
+        assert self.subset is not None
+        idx = self.train_eval_indices(len(self.subset.train)).tolist()
+        idx = idx[rank * len(idx) // world_size : (rank + 1) * len(idx) // world_size]
+        files = ImageFiles(self.root, [self.subset.train[i] for i in idx], self.resize_size)
+        loader = DataLoader(files, batch_size=self.val_batch_size, num_workers=self.num_workers)
+        device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+        transform = self.eval_transform()
+        return ((transform(x.to(device)), y.to(device)) for x, y in loader)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Raw-folder batches arrive as uint8 on the device: crop, flip, normalize them here

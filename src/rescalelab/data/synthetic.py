@@ -41,8 +41,13 @@ class SyntheticImages(TensorDataModule):
         pixel_noise: float = 1.0,
         batch_size: int = 128,
         seed: int = 0,
+        label_noise: float = 0.0,
+        train_eval_size: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed)
+        super().__init__(
+            batch_size=batch_size, seed=seed, label_noise=label_noise,
+            train_eval_size=train_eval_size,
+        )  # fmt: skip
         for key, value in [("data.num_train", num_train), ("data.num_val", num_val)]:
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{key}={value} is invalid: expected an integer > 0")

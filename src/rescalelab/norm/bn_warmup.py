@@ -48,7 +48,8 @@ STATE_KEY = "rescalelab.norm"
 class BnWarmup(NormPlug):
     """``norm=bn_warmup``: BatchNorm for ``warmup_epochs`` epochs, then whitening.
 
-    ``momentum``, ``interval``, ``eps``, ``init_batches`` are the whitening keys (see
+    ``momentum``, ``interval``, ``eps``, ``init_batches`` and the knobs for α ``eps_mode``,
+    ``max_scale``, ``min_active`` are the whitening keys (see
     :class:`~rescalelab.norm.whitening.Whitening`); ``init_batches`` is also the number of
     training batches of the no-grad pass that initialises ``μ``, ``Var`` at the switch.
     """
@@ -62,6 +63,9 @@ class BnWarmup(NormPlug):
         interval: int = 2,
         eps: float = 1e-5,
         init_batches: int = 8,
+        eps_mode: str = "absolute",
+        max_scale: float | None = None,
+        min_active: float | None = None,
     ) -> None:
         if (
             not isinstance(warmup_epochs, int)
@@ -72,7 +76,9 @@ class BnWarmup(NormPlug):
                 f"norm.warmup_epochs={warmup_epochs!r} is invalid: expected an integer >= 0"
             )
         self.warmup_epochs = warmup_epochs
-        self.whitening = Whitening(momentum, interval, eps, init_batches)
+        self.whitening = Whitening(
+            momentum, interval, eps, init_batches, eps_mode, max_scale, min_active
+        )
         self.switched_at_step: int | None = None
         self.input_shape: tuple[int, ...] | None = None
 

@@ -49,6 +49,22 @@ estimates start as the plain average of the first batches instead of ``0`` and `
 all-reduced once per update step, so every replica holds identical ``μ, α``. The trade-off of
 ``interval`` is lag against cost: the estimates average over about ``interval/ρ`` steps.
 
+**Knobs for α** (all off by default, which is the method as the lecture defines it; they study
+its revived-unit instability: an input ``x_i`` that is dead — a ReLU output that is 0 on every
+sample — has ``Var_i ≈ 0``, so ``β²α_i² ≈ β²/ε``, and when it revives its weights take a huge
+step; docs/whitening.md, "Knobs for α"):
+
+* ``eps_mode=relative``: ``ε = eps × (1/n_in) Σ_i Var_i``, the layer's mean input variance
+  (``eps`` itself when that mean is 0), so ``α_i² ≤ 1/ε`` is ``1/eps`` times the layer's
+  typical ``α²`` instead of an absolute ``1/eps``.
+* ``max_scale=c``: the per-column scale is clipped to ``β²α_i² ≤ c × median_i(β²α_i²)`` (the
+  median over the layer's ``n_in`` inputs, torch's lower median for even ``n_in``).
+* ``min_active=f``: an input that is nonzero in fewer than a fraction ``f`` of its entries
+  (samples × positions) in an update's batch keeps its previous ``μ_i`` and ``Var_i`` (the
+  initial ``0`` and ``1`` if it was never active) instead of moving towards ``Var_i ≈ 0``.
+  This one adds a count of nonzeros to the statistics hook; the other two act only when the
+  per-column scale is recomputed after a statistics update (once per update, no host sync).
+
 **Buffers** (on every whitened layer, so they go into checkpoints and DDP broadcasts):
 ``rescale_mean`` (μ, ``[n_in]``), ``rescale_var`` (Var, ``[n_in]``; ``α = 1/sqrt(Var + ε)``),
 ``rescale_beta2`` (scalar ``β²``) and ``rescale_updates`` (number of statistics updates).
@@ -94,7 +110,7 @@ class _Layer:
     name: str
     module: nn.Conv2d | nn.Linear
     n_in: int
-    acc: Tensor | None = None  # [2, n_in] float32: S1, S2 of (x − c) since the last update
+    acc: Tensor | None = None  # [2|3, n_in] float32: S1, S2 of (x − c) (, #nonzero) since update
     count: int = 0  # n accumulated since the last update (Python, no device sync)
     cache: tuple[Tensor | None, Tensor] | None = None  # (μ per weight column, β²α² per column)
 
@@ -127,9 +143,16 @@ class WhitenedLayers:
         eps: float = 1e-5,
         init_batches: int = 8,
         interval: int = 1,
+        eps_mode: str = "absolute",
+        max_scale: float | None = None,
+        min_active: float | None = None,
     ) -> None:
         self.momentum, self.eps = float(momentum), float(eps)
         self.init_batches, self.interval = int(init_batches), int(interval)
+        self.eps_mode = eps_mode
+        self.max_scale = None if max_scale is None else float(max_scale)
+        self.min_active = None if min_active is None else float(min_active)
+        self._rows = 2 if self.min_active is None else 3  # S1, S2 (, number of nonzero entries)
         self.armed = False
         self._updates: int | None = 0
         self.layers: list[_Layer] = []
@@ -205,7 +228,11 @@ class WhitenedLayers:
             d = x - c
             dims = tuple(range(x.dim() - 1))
             n = x.numel() // x.shape[-1]
-        sums = torch.stack((d.sum(dims), d.square_().sum(dims)))
+        if self.min_active is None:
+            sums = torch.stack((d.sum(dims), d.square_().sum(dims)))
+        else:  # min_active also counts the active (nonzero) entries of every input
+            active = torch.count_nonzero(x, dim=dims).to(d.dtype)
+            sums = torch.stack((d.sum(dims), d.square_().sum(dims), active))
         # The first input since the last update starts the sums (no zeroing pass, no indexing).
         layer.acc = sums if layer.count == 0 or layer.acc is None else layer.acc.add_(sums)
         layer.count += n
@@ -227,6 +254,11 @@ class WhitenedLayers:
             torch._foreach_mul_(var_b, [-n / max(n - 1.0, 1.0) for _, n, _ in live])  # unbiased
             torch._foreach_clamp_min_(var_b, 0.0)
             mods = [la.module for la, _, _ in live]
+            if self.min_active is not None:  # frozen inputs: m = c (μ stays), s² = Var (stays)
+                for m, mom, s2 in zip(mods, moments, var_b):
+                    frozen = mom[2] < self.min_active
+                    mom[0].masked_fill_(frozen, 0.0)
+                    s2.copy_(torch.where(frozen, m.rescale_var, s2))
             # μ ← (1 − ρ) μ + ρ m with m = c + E[x − c] and c = μ;  Var ← (1 − ρ) Var + ρ s²
             torch._foreach_add_([m.rescale_mean for m in mods], m0, alpha=rate)
             torch._foreach_lerp_([m.rescale_var for m in mods], var_b, rate)
@@ -243,17 +275,18 @@ class WhitenedLayers:
         like = self.layers[0].module.rescale_mean
         parts = []
         for layer in self.layers:
-            acc = layer.acc if layer.acc is not None else like.new_zeros(2, layer.n_in)
+            acc = layer.acc if layer.acc is not None else like.new_zeros(self._rows, layer.n_in)
             parts += [like.new_tensor([float(layer.count)]), acc.reshape(-1).to(like.dtype)]
         packed = torch.cat(parts)
         dist.all_reduce(packed)
         starts, pos = [], 0
         for layer in self.layers:
             starts.append(pos)
-            pos += 1 + 2 * layer.n_in
+            pos += 1 + self._rows * layer.n_in
         counts = packed[starts].tolist()  # one host sync per update step
+        r = self._rows
         return [
-            (n, packed[p + 1 : p + 1 + 2 * la.n_in].view(2, la.n_in))
+            (n, packed[p + 1 : p + 1 + r * la.n_in].view(r, la.n_in))
             for la, n, p in zip(self.layers, counts, starts)
         ]
 
@@ -282,13 +315,27 @@ class WhitenedLayers:
             model.train(was_training)
 
     # -- the gradient transform -----------------------------------------------------------------
+    @torch.no_grad()
+    def input_scale(self, layer: _Layer) -> Tensor:
+        """``β²α_i²`` per input ``i`` of ``layer`` as the transform applies it (knobs included)."""
+        m = layer.module
+        var = m.rescale_var
+        eps: Tensor | float = self.eps
+        if self.eps_mode == "relative":  # ε = eps × mean_i Var_i (eps itself if that is 0)
+            mean = var.mean()
+            eps = torch.where(mean > 0, mean, torch.ones_like(mean)) * self.eps
+        scale = m.rescale_beta2 / (var + eps)  # β² α²
+        if self.max_scale is not None:  # β²α_i² ≤ max_scale × median_i β²α_i²
+            scale = torch.minimum(scale, self.max_scale * scale.median())
+        return scale
+
     def _columns(self, layer: _Layer) -> tuple[Tensor | None, Tensor]:
         """``(μ, β²α²)`` expanded to the weight's flattened columns (cached until the next update)."""
         m = layer.module
         if layer.cache is not None and layer.cache[1].device == m.weight.device:
             return layer.cache
         centered = m.bias is not None and m.bias.requires_grad
-        scale = m.rescale_beta2 / (m.rescale_var + self.eps)  # β² α²
+        scale = self.input_scale(layer)  # β² α² (with the knobs for α)
         mu = m.rescale_mean if centered else None
         if isinstance(m, nn.Conv2d):
             taps = m.kernel_size[0] * m.kernel_size[1]
@@ -334,18 +381,29 @@ class Whitening(NormPlug):
 
     ``momentum`` (ρ, weight of the new batch as in torch BatchNorm), ``interval`` (update the
     statistics every k-th training step), ``eps`` (in ``α = 1/sqrt(Var + ε)``), ``init_batches``
-    (first batches averaged to initialise ``μ``, ``Var``). Nothing is placed after the layers;
+    (first batches averaged to initialise ``μ``, ``Var``); the knobs for α ``eps_mode``
+    (``absolute`` | ``relative``), ``max_scale`` and ``min_active`` (``None``: off) are described
+    in the module docstring. Nothing is placed after the layers;
     :meth:`prepare` attaches the statistics and the plug transforms gradients before each step.
     """
 
     name = "whitening"
 
     def __init__(
-        self, momentum: float = 0.1, interval: int = 2, eps: float = 1e-5, init_batches: int = 8
+        self,
+        momentum: float = 0.1,
+        interval: int = 2,
+        eps: float = 1e-5,
+        init_batches: int = 8,
+        eps_mode: str = "absolute",
+        max_scale: float | None = None,
+        min_active: float | None = None,
     ) -> None:
         check_whitening_args(momentum, interval, eps, init_batches)
+        check_alpha_knobs(eps_mode, max_scale, min_active)
         self.momentum, self.interval, self.eps = momentum, interval, eps
         self.init_batches = init_batches
+        self.eps_mode, self.max_scale, self.min_active = eps_mode, max_scale, min_active
         self.layers: WhitenedLayers | None = None
 
     def attach(self, model: nn.Module, input_shape: tuple[int, ...]) -> WhitenedLayers:
@@ -358,7 +416,8 @@ class Whitening(NormPlug):
             self.layers.remove()
         self.layers = WhitenedLayers(
             model, layer_geometry(model, input_shape), momentum=self.momentum, eps=self.eps,
-            init_batches=self.init_batches, interval=self.interval,
+            init_batches=self.init_batches, interval=self.interval, eps_mode=self.eps_mode,
+            max_scale=self.max_scale, min_active=self.min_active,
         )  # fmt: skip
         return self.layers
 
@@ -392,3 +451,26 @@ def check_whitening_args(momentum: float, interval: int, eps: float, init_batche
     for key, value, ok, allowed in checks:
         if not ok or isinstance(value, bool):
             raise ConfigError(f"norm.{key}={value!r} is invalid: expected {allowed}")
+
+
+def check_alpha_knobs(eps_mode: str, max_scale: float | None, min_active: float | None) -> None:
+    """One-line :class:`ConfigError` for out-of-range knobs for α (``None`` turns a knob off)."""
+    if eps_mode not in ("absolute", "relative"):
+        raise ConfigError(
+            f"norm.eps_mode={eps_mode!r} is invalid: expected one of: absolute, relative"
+        )
+    number = (int, float)
+    if max_scale is not None and (
+        isinstance(max_scale, bool) or not isinstance(max_scale, number) or not max_scale >= 1
+    ):
+        raise ConfigError(
+            f"norm.max_scale={max_scale!r} is invalid: expected null or a number >= 1"
+        )
+    if min_active is not None and (
+        isinstance(min_active, bool)
+        or not isinstance(min_active, number)
+        or not 0 < min_active <= 1
+    ):
+        raise ConfigError(
+            f"norm.min_active={min_active!r} is invalid: expected null or a fraction in (0, 1]"
+        )
