@@ -78,6 +78,7 @@ RULES: list[Rule] = [
     Rule("norm.interval", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("norm.init_batches", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("norm.warmup_epochs", int, lambda v: v >= 0, "an integer >= 0"),
+    Rule("norm.lr_after_switch", float, lambda v: v > 0, "a number > 0 or null"),
     Rule("trainer.max_epochs", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("trainer.log_every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("trainer.num_nodes", int, lambda v: v >= 1, "an integer >= 1"),
