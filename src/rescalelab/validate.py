@@ -248,6 +248,8 @@ RULES: list[Rule] = [
     ),
     Rule("callbacks.drift.flush_seconds", float, lambda v: v > 0, "a number > 0"),
     Rule("callbacks.bn_warmup.window", int, lambda v: v >= 1, "an integer >= 1"),
+    Rule("callbacks.stepsizes.var_threshold", float, lambda v: v > 0, "a number > 0"),
+    Rule("callbacks.stepsizes.per_step", bool, allowed="true or false"),
     Rule("callbacks.bn_warmup.extra_steps", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("callbacks.drift.per_decade", float, lambda v: v > 0, "a number > 0"),
     Rule("callbacks.drift.every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
