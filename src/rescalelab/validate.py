@@ -98,6 +98,9 @@ RULES: list[Rule] = [
     Rule("data.lam", float, lambda v: v >= 0, "a number >= 0"),
     Rule("data.label_noise", float, lambda v: v >= 0, "a number >= 0"),
     Rule("callbacks.theory.every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
+    Rule("runner.runs", int, lambda v: v >= 1, "an integer >= 1"),
+    Rule("runner.every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
+    Rule("runner.per_decade", int, lambda v: v >= 0, "an integer >= 0"),
     # -- the rest of the schema: every key of every option has a rule (see uncovered_keys) ----
     Rule("resume", bool, allowed="true or false"),
     Rule("optimized_metric", str, lambda v: bool(v), "a logged metric such as val/loss"),
