@@ -415,7 +415,7 @@ class TheoryReport(Callback):
                 if keep.any():
                     low = min(low, float(gap[keep].min()))
                 ax.plot(steps[keep] * scale, gap[keep], color=color, ls=ls, lw=1.5,
-                        label=f"{g.label} ({len(g.children)} seeds)")  # fmt: skip
+                        label=f"{g.label} ({_seeds(g)} seeds)")  # fmt: skip
                 bkeep = (bsteps >= 1) & np.isfinite(bound) & (bound > 0)
                 if bkeep.any():
                     ax.plot(bsteps[bkeep] * scale, bound[bkeep], color=color, ls="--", lw=0.8)
