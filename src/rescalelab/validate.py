@@ -98,6 +98,12 @@ RULES: list[Rule] = [
     Rule("data.lam", float, lambda v: v >= 0, "a number >= 0"),
     Rule("data.label_noise", float, lambda v: v >= 0, "a number >= 0"),
     Rule("callbacks.theory.every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
+    Rule(
+        "runner",
+        str,
+        lambda v: False,
+        "a node with a _target_ (e.g. experiment=theory_diminishing) or null",
+    ),
     Rule("runner.runs", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("runner.every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("runner.per_decade", int, lambda v: v >= 0, "an integer >= 0"),
