@@ -1,7 +1,8 @@
 """SG theory on the convex problems: BCN's predictions measured, and the CLI wiring.
 
 The statistical checks run SG in plain torch, vectorized over R independent runs (one row of W
-per seed), on the framework's own problem objects (their data, F*, L, c, M, bounds and
+per seed, ``rescalelab.theory_runs.run_sg``, which ``experiment=theory_diminishing`` also runs),
+on the framework's own problem objects (their data, F*, L, c, M, bounds and
 stepsize schedules): thousands of steps x dozens of seeds would take far too long through
 Lightning. Tolerances follow the issue and paper-notes §8; every random stream is seeded, and
 the margins are several standard errors wide. The CLI tests then check that a real run logs the
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,9 +25,8 @@ from rescalelab.instruments.theory import (
     nonconvex_average_bound,
 )
 from rescalelab.optim.schedules import InverseFactor
+from rescalelab.theory_runs import run_sg
 from tests.helpers import all_runs, assert_ok, child_runs, client, history, run_cli
-
-Alpha = float | torch.Tensor | Callable[[int], "float | torch.Tensor"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,36 +50,6 @@ def quad():
 def thresholds(quad):
     """Mean-square divergence thresholds of one-sample … full-batch SG on ``quad``."""
     return {b: quad.mean_square_threshold(b) for b in (1, 8, 64, quad.n)}
-
-
-def run_sg(
-    problem,
-    alpha: Alpha,
-    steps: int,
-    runs: int,
-    *,
-    batch_size: int = 1,
-    w0: torch.Tensor | None = None,
-    seed: int = 0,
-    record: Callable[[int], bool] = lambda k: False,
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """``runs`` independent SG runs w ← w − α_k g(w, ξ_k), ξ_k i.i.d. minibatches (with
-    replacement). Returns the final iterates and {k: gap of every run} for the recorded k."""
-    g = torch.Generator().manual_seed(seed)
-    start = problem.w_star if w0 is None else w0
-    w = start.to(torch.float64).expand(runs, -1).clone()
-    gaps: dict[int, torch.Tensor] = {}
-    k = 0
-    while k < steps:
-        chunk = min(4096, steps - k)
-        idx = torch.randint(0, problem.n, (chunk, runs, batch_size), generator=g)
-        for j in range(chunk):
-            a = alpha(k) if callable(alpha) else alpha
-            w -= a * problem.minibatch_gradient(w, idx[j])
-            k += 1
-            if record(k):
-                gaps[k] = problem.gap(w)
-    return w, gaps
 
 
 # -- the problems' constants --------------------------------------------------------------------
@@ -357,3 +326,30 @@ def test_divergence_preset_reports_thresholds_and_survives_diverging_runs(root):
         lr, b = float(r.data.params["optim.lr"]), int(r.data.params["data.batch_size"])
         assert blew_up == (lr > (0.1 if b == 1 else 1.0)), (lr, b, r.data.tags)
     assert not math.isnan(summary["two_over_L"])
+
+
+@pytest.mark.slow
+def test_diminishing_preset_reads_a_slope_of_minus_one_in_gamma_plus_k_from_the_cli(root):
+    """``-m experiment=theory_diminishing``, its β = 2/c configuration: each job runs 128 seeds
+    at once (theory_runs.VectorizedSG); the parent reads −1 ± 0.1 against γ + k."""
+    proc = run_cli(
+        root, "-m", "experiment=theory_diminishing", "schedule=inverse", "optim.lr=0.1",
+        "trainer.enable_progress_bar=false", tiny=False,
+    )  # fmt: skip
+    assert_ok(proc)
+    (child,) = child_runs(root, "theory_diminishing")
+    assert child.info.status == "FINISHED"
+    assert child.data.params["theory.runs"] == "128"
+    gap = history(root, child.info.run_id, "theory/gap")
+    assert gap[0][0] == 0 and gap[-1][0] == 20000  # 5 epochs of 4000 one-sample steps
+    bound = dict(history(root, child.info.run_id, "theory/bound"))
+    assert all(g <= bound[k] for k, g in gap)  # Theorem 4.7: ν/(γ + k + 1), βc = 2
+    lr = dict(history(root, child.info.run_id, "train/lr"))
+    assert lr[20000] == pytest.approx(0.1 * 392 / (392 + 20000), rel=1e-9)
+    summary, parent = _parent_summary(root, "theory_diminishing")
+    (row,) = summary["slopes"]
+    assert row["gamma"] == 391.0 and row["seeds"] == 128
+    assert -1.1 <= row["slope_last_decade"] <= -0.9
+    assert parent.data.metrics["theory/slope_0"] == pytest.approx(row["slope_last_decade"])
+    # the same numbers fitted against k alone read a flatter slope: γ matters at k ~ 10 γ
+    assert row["slope_vs_k"] > row["slope_last_decade"]

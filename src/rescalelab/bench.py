@@ -11,6 +11,7 @@ are not. Rows:
 2. ``norm/<model>``: one training step (forward, backward, optimizer step) with norm none, bn,
    whitening (default statistics interval) and whitening updated every step.
 3. ``drift``: a fit with the drift callback at its default schedule versus without.
+   ``stepsizes``: a whitening fit with the effective-stepsize callback versus without.
 4. ``logging``: a fit with the MLflow logger versus ``logger=False``.
 5. ``data/<pipeline>``: images/s a pipeline delivers versus images/s a training step consumes.
 6. ``gpu``: bf16 autocast and ``torch.compile`` variants of the bare loop (on a CPU only when
@@ -439,6 +440,31 @@ def row_train_eval(root: Path, device: str, quick: bool) -> Comparison:
     return c
 
 
+def row_stepsizes(root: Path, device: str, quick: bool) -> Comparison:
+    # The stepsize instrument's cost is per logging step (a few reductions) and per epoch (a
+    # weight copy, a median per layer): measured on whitening, where it reads the most buffers.
+    steps, epochs, rounds, batch = (20, 2, 2, 128) if quick else (390, 5, 5, 128)
+    trainer = ["trainer=gpu"] if device.startswith("cuda") else []
+    samples = interleave(
+        {
+            name: fit_timer(
+                root,
+                [*trainer, "norm=whitening", f"callbacks={name}"],
+                steps,
+                batch,
+                logger=True,
+                epochs=epochs,
+            )  # fmt: skip
+            for name in ("default", "stepsizes")
+        },
+        rounds,
+    )
+    c = compare("stepsizes callback (whitening)", samples, base="default")
+    c.target = "stepsizes / default step time <= 1.02"
+    c.holds = c.ratios["stepsizes"][1] <= 1.02
+    return c
+
+
 def row_gpu_variants(device: str, quick: bool) -> Comparison:
     """bf16 autocast and ``torch.compile`` against fp32, bare loop (row 6).
 
@@ -511,7 +537,7 @@ def run(
 ) -> dict[str, Any]:
     """Run the selected rows; return ``{"machine": ..., "rows": [Comparison as dict, ...]}``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    wanted = set(rows or ["framework", "norm", "drift", "data", "gpu", "baselines"])
+    wanted = set(rows or ["framework", "norm", "drift", "stepsizes", "data", "gpu", "baselines"])
     results: list[Comparison] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -525,6 +551,8 @@ def run(
             results.extend(row_framework(root, device, quick))
         if "drift" in wanted and _available("rescalelab.instruments.drift"):
             results.append(row_drift(root, device, quick))
+        if "stepsizes" in wanted and _available("rescalelab.instruments.stepsizes"):
+            results.append(row_stepsizes(root, device, quick))
         if "data" in wanted and (data_rows := _data_rows(device, quick)) is not None:
             results.extend(data_rows)
         if rows is None or "train_eval" in wanted:
@@ -572,8 +600,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(
         "--rows", nargs="*",
-        help="subset of: framework norm drift data gpu baselines train_eval",
+        help="subset of: framework norm drift stepsizes data gpu baselines train_eval",
     )  # fmt: skip
+    p.add_argument("--rows", nargs="*", help="subset of: framework norm drift stepsizes data gpu")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.add_argument(
         "--tracking-uri", default=None, help="log to this MLflow store (experiment 'benchmarks')"

@@ -7,7 +7,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -15,6 +16,26 @@ from torchmetrics.classification import MulticlassAccuracy
 from rescalelab.models.geometry import LayerGeometry
 from rescalelab.norm import NoNorm, NormPlug
 from rescalelab.optim import build_optimizer, build_scheduler, observe_loss
+
+EPOCH_SUMS_KEY = "rescalelab.epoch_sums"
+
+
+def cap_log_interval(trainer: pl.Trainer) -> None:
+    """Cap ``trainer.log_every_n_steps`` at the epoch length (optimizer steps), saying so once.
+
+    Lightning writes step metrics every ``log_every_n_steps`` steps: above the epoch length an
+    epoch may have no ``train/loss`` point at all (7 steps an epoch against the default 50).
+    """
+    batches = trainer.num_training_batches
+    if not isinstance(batches, int) or batches < 1:
+        return  # an iterable of unknown length: nothing to cap against
+    per_epoch = max(1, batches // max(1, int(trainer.accumulate_grad_batches)))
+    if trainer.log_every_n_steps > per_epoch:
+        rank_zero_info(
+            f"trainer.log_every_n_steps={trainer.log_every_n_steps} exceeds the {per_epoch} "
+            f"steps of an epoch: logging every {per_epoch} steps"
+        )
+        trainer.log_every_n_steps = per_epoch
 
 
 class Classifier(pl.LightningModule):
@@ -24,6 +45,14 @@ class Classifier(pl.LightningModule):
     ``trainer.log_every_n_steps``) and ``val/loss``, ``val/acc`` per epoch. ``train/lr`` is the
     stepsize actually used at that step by the first parameter group (the base stepsize times
     its layer scale); ``train/lr/<group>`` is logged too when groups differ.
+
+    The training curve of every run: ``train/loss_epoch`` and ``train/acc_epoch`` are the means
+    over every step of the epoch, ``(1/N) Σ_k E_k`` of the minibatch losses (and accuracies) of
+    its N steps, accumulated on the device (no host sync per step) and logged at the epoch's
+    last step (the step of its last ``train/loss`` point), before validation and the epoch's
+    checkpoint; under DDP the mean over replicas. The running sums go into checkpoints, so a
+    run resumed mid-epoch logs the mean of the whole epoch, once. ``trainer.log_every_n_steps``
+    is capped at the epoch length, so every epoch has at least one step-level point.
     """
 
     def __init__(
@@ -47,6 +76,9 @@ class Classifier(pl.LightningModule):
         # A DataModule with ``objective(outputs, y, model)`` (the convex problems) replaces
         # cross-entropy by its exact objective, regularizer included; accuracy is then not logged.
         self.objective: Any = None
+        # Σ of the step losses (and accuracies) of this epoch so far, and their number of steps.
+        self._epoch_sums: torch.Tensor | None = None
+        self._epoch_steps = 0
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets ``_current_fx_name`` around every hook call, ~40 times a training step;
@@ -74,11 +106,21 @@ class Classifier(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.norm.on_train_epoch_start(self)  # norm=bn_warmup switches to whitening here
 
+    def on_train_start(self) -> None:
+        cap_log_interval(self.trainer)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.norm.on_save_checkpoint(checkpoint)
+        sums = self._epoch_sums
+        checkpoint[EPOCH_SUMS_KEY] = {
+            "sums": None if sums is None else sums.detach().cpu(),
+            "steps": self._epoch_steps,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.norm.on_load_checkpoint(self, checkpoint)  # before the state dict is loaded
+        state = checkpoint.get(EPOCH_SUMS_KEY) or {}
+        self._epoch_sums, self._epoch_steps = state.get("sums"), int(state.get("steps", 0))
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
@@ -87,15 +129,51 @@ class Classifier(pl.LightningModule):
         logits = self.model(x)
         loss = self._loss(logits, y)
         observe_loss(self.trainer, loss)  # schedule=halving mode=plateau watches every step
+        correct = None if self.objective is not None else (logits.argmax(dim=1) == y).float().mean()
+        self._accumulate_epoch(loss, correct, batch_idx)
         if self._is_logging_step():
             # Lightning writes step metrics only every log_every_n_steps; computing and
             # self.log-ing them on the other steps would cost time and change nothing.
             # sync_dist: under DDP, the mean over the global batch (a no-op on one process).
             self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-            if self.objective is None:
-                self.log("train/acc", (logits.argmax(dim=1) == y).float().mean(), sync_dist=True)
+            if correct is not None:
+                self.log("train/acc", correct, sync_dist=True)
             self._log_stepsizes()
         return loss
+
+    def _accumulate_epoch(
+        self, loss: torch.Tensor, correct: torch.Tensor | None, batch_idx: int
+    ) -> None:
+        """Add this step to the epoch sums (device ops only); log the means at the last step."""
+        step = torch.stack(
+            (loss.detach().float(), correct if correct is not None else loss.new_zeros(()))
+        )
+        if self._epoch_sums is None or self._epoch_sums.device != step.device:
+            base = self._epoch_sums
+            self._epoch_sums = step.new_zeros(2) if base is None else base.to(step.device)
+        self._epoch_sums.add_(step)
+        self._epoch_steps += 1
+        last = batch_idx + 1 >= self.trainer.num_training_batches or self.trainer.is_last_batch
+        if last:
+            self._log_epoch_means(self.global_step)
+
+    def _log_epoch_means(self, step: int) -> None:
+        """``train/loss_epoch`` (and ``train/acc_epoch``) at ``step``; then start a new epoch."""
+        if not self._epoch_steps or self._epoch_sums is None:
+            return
+        means = self.trainer.strategy.reduce(self._epoch_sums / self._epoch_steps, reduce_op="mean")
+        values = means.tolist()  # the one host sync of the epoch's curve
+        metrics = {"train/loss_epoch": values[0]}
+        if self.objective is None:
+            metrics["train/acc_epoch"] = values[1]
+        self._epoch_sums, self._epoch_steps = None, 0
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    def on_train_epoch_end(self) -> None:
+        # An epoch cut short (max_steps, limit_train_batches) still gets its point.
+        self._log_epoch_means(max(self.global_step - 1, 0))
 
     def _is_logging_step(self) -> bool:
         """True on the steps Lightning sends to the logger (same rule as its logger connector)."""
@@ -127,7 +205,10 @@ class Classifier(pl.LightningModule):
             self.val_acc.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.optim_cfg, self.model, self.geometry)
+        optim_cfg, lr = self.optim_cfg, getattr(self.norm, "phase_lr", None)
+        if lr is not None:  # norm.lr_after_switch: the whitened phase's own base stepsize
+            optim_cfg = OmegaConf.merge(optim_cfg, {"lr": lr})
+        optimizer = build_optimizer(optim_cfg, self.model, self.geometry)
         return {
             "optimizer": optimizer,
             "lr_scheduler": build_scheduler(

@@ -113,6 +113,11 @@ def train(cfg: DictConfig) -> float | None:
         cfg = _compose_again(hc.job.config_name or "train", overrides)
     check_added_keys(cfg, overrides)
     parts = build_components(cfg)
+    # runner: a job that is not a Lightning fit (experiment=theory_diminishing: many SG seeds
+    # at once, rescalelab.theory_runs); planned here so that its errors come before the run.
+    runner = _build("runner", cfg.runner) if cfg.get("runner") is not None else None
+    if runner is not None:
+        runner.plan(cfg, parts)
     tracking = _build("logger", cfg.logger)  # rescalelab.tracking.MlflowTracking
     extra_params = {f"data.{k}": v for k, v in parts["datamodule"].describe().items()}
     metric = cfg.get("optimized_metric") or "val/loss"
@@ -150,11 +155,14 @@ def train(cfg: DictConfig) -> float | None:
         callbacks = [*parts["callbacks"], RngState(), PendingMetrics()]
         trainer = _build("trainer", cfg.trainer, callbacks=callbacks, logger=logger)
     try:
-        trainer.fit(
-            parts["module"],
-            datamodule=parts["datamodule"],
-            ckpt_path=plan.ckpt_path if plan is not None else None,
-        )
+        if runner is not None:
+            runner.run(cfg, parts, logger)
+        else:
+            trainer.fit(
+                parts["module"],
+                datamodule=parts["datamodule"],
+                ckpt_path=plan.ckpt_path if plan is not None else None,
+            )
     except Diverged as d:
         _finish(run, logger, "FAILED", {
             "rescalelab.status": "diverged",

@@ -11,7 +11,10 @@ start of epoch ``k = warmup_epochs`` the switch is exact:
    inputs — so the function is unchanged (whitening never changes it, see ``whitening.py``);
 3. the optimizer is rebuilt by Lightning (``configure_optimizers``) for the new parameter
    list: its state (momentum buffers, Adam moments) starts from zero, and the schedule
-   continues from its current position;
+   continues from its current position. ``lr_after_switch`` (when set) replaces ``optim.lr``
+   as the base stepsize α of the whitened phase: the groups get ``lr_after_switch × (layer
+   scale) × (schedule factor at the current step)``. The switch changes the effective step
+   (at the same α, ‖Δw‖/‖w‖ fell 10–100× after it), so the whitened phase needs its own;
 4. the switch is logged as metrics at the switch step: ``norm/switch_step``,
    ``norm/loss_before_switch`` (BN network, eval mode) and ``norm/loss_after_switch`` (folded,
    whitened network), both the training loss (cross-entropy) averaged over the probe batches
@@ -52,6 +55,8 @@ class BnWarmup(NormPlug):
     ``max_scale``, ``min_active`` are the whitening keys (see
     :class:`~rescalelab.norm.whitening.Whitening`); ``init_batches`` is also the number of
     training batches of the no-grad pass that initialises ``μ``, ``Var`` at the switch.
+    ``lr_after_switch``: the base stepsize α of the whitened phase (``None``: ``optim.lr``);
+    with ``warmup_epochs=0`` the whole run is whitened and uses it.
     """
 
     name = "bn_warmup"
@@ -60,12 +65,13 @@ class BnWarmup(NormPlug):
         self,
         warmup_epochs: int = 2,
         momentum: float = 0.1,
-        interval: int = 2,
+        interval: int = 1,
         eps: float = 1e-5,
         init_batches: int = 8,
         eps_mode: str = "absolute",
         max_scale: float | None = None,
         min_active: float | None = None,
+        lr_after_switch: float | None = None,
     ) -> None:
         if (
             not isinstance(warmup_epochs, int)
@@ -75,12 +81,26 @@ class BnWarmup(NormPlug):
             raise ConfigError(
                 f"norm.warmup_epochs={warmup_epochs!r} is invalid: expected an integer >= 0"
             )
+        if lr_after_switch is not None and (
+            isinstance(lr_after_switch, bool)
+            or not isinstance(lr_after_switch, (int, float))
+            or not lr_after_switch > 0
+        ):
+            raise ConfigError(
+                f"norm.lr_after_switch={lr_after_switch!r} is invalid: expected a number > 0 or null"
+            )
         self.warmup_epochs = warmup_epochs
+        self.lr_after_switch = None if lr_after_switch is None else float(lr_after_switch)
         self.whitening = Whitening(
             momentum, interval, eps, init_batches, eps_mode, max_scale, min_active
         )
         self.switched_at_step: int | None = None
         self.input_shape: tuple[int, ...] | None = None
+
+    @property
+    def phase_lr(self) -> float | None:
+        """The base stepsize that replaces ``optim.lr`` now: ``lr_after_switch`` once whitened."""
+        return self.lr_after_switch if self.switched_at_step is not None else None
 
     # -- the model --------------------------------------------------------------------------
     def conv(self, channels: int) -> nn.Module:
@@ -210,8 +230,10 @@ def continue_schedule(old: LRScheduler, new: LRScheduler) -> None:
 
     ``LambdaLR`` (every factor schedule of ``rescalelab.optim.schedules``) is set in closed
     form, ``α_k = base × factor(k)``. Any other scheduler gets ``old``'s non-per-group state
-    (step count, plateau counters) and each group its current stepsize by group name; a group
-    the old optimizer did not have keeps the others' ratio to their initial stepsize.
+    (step count, plateau counters) and each group its own initial stepsize times the ratio of
+    the same-named old group's current to initial stepsize (so a new base stepsize, e.g.
+    ``lr_after_switch``, carries over); a group the old optimizer did not have takes the first
+    group's ratio.
     """
     k = old.last_epoch
     groups = new.optimizer.param_groups
@@ -226,12 +248,14 @@ def continue_schedule(old: LRScheduler, new: LRScheduler) -> None:
             if not (isinstance(value, list) and len(value) == n_old)
         }  # fmt: skip
         new.load_state_dict({**new.state_dict(), **state})
-        by_name = {g.get("name"): g for g in old.optimizer.param_groups}
-        ratios = [g["lr"] / g.get("initial_lr", g["lr"]) for g in old.optimizer.param_groups]
-        ratio = ratios[0] if ratios else 1.0
+        ratio_of = {
+            g.get("name"): g["lr"] / g.get("initial_lr", g["lr"])
+            for g in old.optimizer.param_groups
+        }
+        first = next(iter(ratio_of.values()), 1.0)
         for group in groups:
-            match = by_name.get(group.get("name"))
-            group["lr"] = match["lr"] if match else group.get("initial_lr", group["lr"]) * ratio
+            ratio = ratio_of.get(group.get("name"), first)
+            group["lr"] = group.get("initial_lr", group["lr"]) * ratio
     new._last_lr = [g["lr"] for g in groups]
 
 

@@ -103,6 +103,8 @@ class SmoothedPlateau(ReduceLROnPlateau):
             threshold_mode="rel", min_lr=min_lr,
         )  # fmt: skip
         self.smoothing = smoothing
+        for group in optimizer.param_groups:  # as LRScheduler does: the ratio α/α_0 is readable
+            group.setdefault("initial_lr", group["lr"])
         self.smoothed: float | None = None
         self._pending: list[torch.Tensor | float] = []
 
