@@ -109,7 +109,7 @@ def summary_table(report: Any, metric: str = "train/loss") -> Table:
         title="ranked by the median final value at the best setting", title_justify="left"
     )
     for col in ("method", "best setting", f"final {metric} median [IQR] (n)", "best val acc",
-                "diverged", "E[best] k=1→K", "reaches target", "to target"):  # fmt: skip
+                "diverged", "E\\[best] k=1→K", "reaches target", "to target"):  # fmt: skip
         table.add_column(col, overflow="fold")
     for row in report.methods:
         name = f"{row['task']}: {row['method']}" if row.get("task") else str(row["method"])
@@ -118,7 +118,7 @@ def summary_table(report: Any, metric: str = "train/loss") -> Table:
                  if not math.isnan(float(share)) else "–")  # type: ignore[arg-type]  # fmt: skip
         table.add_row(
             name,
-            str(row["best_setting"]),
+            str(row["best_setting"]).replace("optim.", ""),
             f"{_g(row['best_final'], '.4g')} [{_g(row['best_final_q1'])}, "
             f"{_g(row['best_final_q3'])}] (n={row['seeds']})",
             _g(row["best_val_acc"]),
@@ -141,7 +141,8 @@ def print_summary(
     """The answer of the sweep on the console: parent id, table, report path, how to browse."""
     console = console or Console(width=160)
     console.print(f"[bold]sweep parent run {parent_run_id}[/]: {len(report.children)} runs")
-    console.print(summary_table(report, metric))
+    if report.children:
+        console.print(summary_table(report, metric))
     target = report.methods[0]["target"] if report.methods else math.nan
     console.print(f"target = {_g(target)} (see docs/sweeps.md: tuneability)", soft_wrap=True)
     console.print(f"report: {report.out_dir / 'report.html'} (and report/ of the parent run)",

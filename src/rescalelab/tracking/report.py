@@ -816,7 +816,7 @@ def build_report(
     if any(c.curve for c in children):
         images.append(out_dir / "training_curves.png")
         plot_training_curves(children, methods, metric, unit, images[-1])
-    if any(r["stepsizes"] > 1 for r in methods):  # type: ignore[operator]
+    if any(c.lr for c in children if c.curve):  # one α per method: a point per method
         images.append(out_dir / "tuning_curves.png")
         plot_tuning_curves(children, methods, metric, images[-1])
     if any(len(rows) > 1 for rows in expected.values()):
