@@ -86,7 +86,7 @@ PRESET_SWEEPS = {
     },
 }
 PRESET_DATA = {"paper_cifar10": "CIFAR10", "paper_imagenet_10pct": "ImageNetSubset",
-               "bn_warmup": "CIFAR10", "tuning": "CIFAR10", "norm_compare": "Synthetic"}  # fmt: skip
+               "bn_warmup": "CIFAR10", "tuning": "CIFAR10", "norm_compare": "SyntheticImages"}  # fmt: skip
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_SWEEPS))
