@@ -248,3 +248,30 @@ def test_report_cli_on_demand_by_run_id_and_bad_targets(root, capsys):
         report_main([str(root)])
     assert report_main(["0" * 32, "--tracking-uri", tracking_uri(root)]) == 1
     assert capsys.readouterr().err.startswith("error: MlflowException: Run with id=000")
+
+
+def test_tasks_get_their_own_rows_and_profiles_over_data_options(tmp_path):
+    from rescalelab.tracking.report import plot_profiles, profile_costs
+
+    def kid(data: str, method: str, values: list[float]) -> Child:
+        swept = {"data": data, "method": method, "optim.lr": "0.1"}
+        curve = [(float(e), v) for e, v in enumerate(values)]
+        stamps = [1000.0 * (e + 1) for e in range(len(values))]
+        return Child(f"{data}{method}", "n", "FINISHED", "", swept, 0.1, 1.0, curve=curve,
+                     stamps=stamps, start_ms=0.0, first_loss=2.0)  # fmt: skip
+
+    # L0 = 2, target 0.5 x 2 = 1: on t1, a reaches it at epoch 1, b at epoch 3; on t2 only b
+    # (epoch 2). Ratios: t1 a 1, b 3; t2 a inf, b 1.
+    kids = [kid("t1", "a", [0.9, 0.5, 0.4]), kid("t1", "b", [1.5, 1.2, 1.0]),
+            kid("t2", "a", [1.8, 1.7, 1.6]), kid("t2", "b", [1.4, 0.8, 0.7])]  # fmt: skip
+    rows = method_table(kids, target_ratio=0.5)
+    assert [(r["task"], r["method"]) for r in rows] == [
+        ("t1", "method=a"), ("t1", "method=b"), ("t2", "method=b"), ("t2", "method=a"),
+    ]  # fmt: skip
+    costs = profile_costs(rows)
+    assert costs == {"t1": {"method=a": 1.0, "method=b": 3.0},
+                     "t2": {"method=b": 2.0, "method=a": INF}}  # fmt: skip
+    secs = profile_costs(rows, "seconds_to_target")
+    assert secs["t1"] == {"method=a": 1.0, "method=b": 3.0}  # logged 1 s per epoch
+    plot_profiles(rows, tmp_path / "profiles.png")
+    assert (tmp_path / "profiles.png").read_bytes()[:4] == b"\x89PNG"

@@ -43,9 +43,7 @@ def test_range_share_counts_the_log_lr_cells_of_the_trials_that_reach_the_target
     # beyond the ends: 3 decades; 0.1 and 1 reach: 2 decades, share 2/3.
     assert range_share([0.01, 0.1, 1.0], [0, 1, 1]) == pytest.approx((2.0, 3.0, 2 / 3))
     # With the declared range [0.01, 1] the outer cells end there: 0.5 + 1 of 2 decades.
-    assert range_share([0.01, 0.1, 1.0], [0, 1, 1], (0.01, 1.0)) == pytest.approx(
-        (1.5, 2.0, 0.75)
-    )
+    assert range_share([0.01, 0.1, 1.0], [0, 1, 1], (0.01, 1.0)) == pytest.approx((1.5, 2.0, 0.75))
     # Unequal gaps: log α = -3, -2, 0; midpoints -2.5 and -1, ends -3.5 and +1 (4.5 decades);
     # cells 1, 1.5, 2: the outer two reach, 3 decades.
     assert range_share([1e-3, 1e-2, 1.0], [1, 0, 1]) == pytest.approx((3.0, 4.5, 3 / 4.5))

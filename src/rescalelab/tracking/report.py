@@ -6,28 +6,28 @@ multirun ends. Everything is read back from MLflow, so a report can be rebuilt a
 
 Vocabulary, for the swept keys ``K`` of the sweep (``method``, ``norm``, ``optim.lr``, ``seed``…):
 
-* a child's *configuration* is its values of ``K`` minus ``seed``; a *method* is its values of
-  ``K`` minus ``seed`` and ``optim.lr`` (the global stepsize α);
-* the *epoch curve* of a child is the mean of ``metric`` (``train/loss`` by default) over the
-  steps logged in each epoch; its *final* value ``F(α)`` is the mean over the last epoch;
+* a child's *configuration* is its values of ``K`` minus ``seed``; its *setting* the tuned keys
+  (``optim.lr``; for an equal budget the space's keys and ``budget_trial``); its *task* the
+  ``data`` option when swept; its *method* the configuration minus setting and task;
+* the *epoch curve* of a child is ``train/loss_epoch`` (the mean over every step of each epoch)
+  when the run logged it, else the mean of the logged ``train/loss`` steps of each epoch; its
+  *final* value ``F`` is the last epoch's;
 * over the seeds of a configuration the report shows the median and the quartiles
-  (Q1, Q3; the band between them is the IQR);
+  (Q1, Q3; the band between them is the IQR) and ranks methods by the median;
 * a child *diverged* when it carries the tag ``rescalelab.status=diverged`` or its final value is
-  not finite; a diverged child counts as ``F = +inf`` (it is worse than any finite loss), and the
-  tuning curve marks it at the top of the axes.
+  not finite; a diverged child counts as ``F = +inf`` and is marked × in the figures (in the
+  training curves at its ``rescalelab.diverged_step``).
 
-The *tuning curve* of a method is ``α ↦ median over seeds of F(α)``. With ``F* = min_α`` of it
-at ``α*``, the method's *2x range* is the widest interval ``[α_lo, α_hi]`` of grid stepsizes
-around ``α*`` (contiguous on the grid) where the median stays ``≤ 2 F*``; its width
-``log10(α_hi/α_lo)`` (in decades) says how easy the method is to tune, ``F*`` how good it is
-when tuned — the lecture's two questions, kept apart.
+Per method the report gives the best setting with ``F*`` and its IQR, and the tuneability
+measures of :mod:`rescalelab.analysis.tuneability` (expected best after k trials, share of the lr
+range reaching the target ``r · L0``, time to target); the old *2x range* (the contiguous run of
+grid stepsizes around ``α*`` whose median stays ``≤ 2 F*``) is kept for grids as a supplement.
+With several ``data`` options, performance profiles (:mod:`rescalelab.analysis.profiles`).
 
-Artifacts (under the parent's ``report/``): ``children.csv`` and ``children.html`` (one row per
-child: swept values, status, ``rescalelab.status``, wall time, final and best of every standard
-metric), ``methods.csv`` (one row per method: ``F*``, ``α*``, 2x range and its width),
-``report.html`` (both tables and the figures, self-contained), ``training_curves.png`` (epoch
-curves per configuration, median and IQR band over seeds, one panel per method) and, when the
-stepsize was swept, ``tuning_curves.png``.
+Artifacts (under the parent's ``report/``): ``children.csv`` and ``children.html``,
+``methods.csv``, ``report.html`` (tables and figures, self-contained), ``training_curves.png``,
+``tuning_curves.png``, ``expected_best.png`` (several settings) and ``profiles.png`` (several
+tasks).
 """
 
 from __future__ import annotations
