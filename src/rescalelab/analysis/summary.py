@@ -103,6 +103,13 @@ def _g(value: object, fmt: str = ".3g") -> str:
     return "–" if math.isnan(v) else ("∞" if math.isinf(v) else format(v, fmt))
 
 
+def _setting(row: Mapping[str, object]) -> str:
+    """The best setting, ``lr=0.05`` when nothing tuned was swept."""
+    setting = str(row["best_setting"]).replace("optim.", "")
+    lr = float(row["best_lr"])  # type: ignore[arg-type]
+    return f"lr={lr:g}" if setting == "default" and math.isfinite(lr) else setting
+
+
 def summary_table(report: Any, metric: str = "train/loss") -> Table:
     """Method, best setting, median F* [IQR] (n), best val acc, diverged, tuneability."""
     table = Table(
@@ -118,7 +125,7 @@ def summary_table(report: Any, metric: str = "train/loss") -> Table:
                  if not math.isnan(float(share)) else "–")  # type: ignore[arg-type]  # fmt: skip
         table.add_row(
             name,
-            str(row["best_setting"]).replace("optim.", ""),
+            _setting(row),
             f"{_g(row['best_final'], '.4g')} [{_g(row['best_final_q1'])}, "
             f"{_g(row['best_final_q3'])}] (n={row['seeds']})",
             _g(row["best_val_acc"]),
