@@ -63,10 +63,15 @@ class BudgetSweeper(Sweeper):
                 axes[key] = [f"{key}={o.get_value_element_as_str()}"]
         combos = list(itertools.product(*axes.values()))
         jobs = []
+        present_of: dict[tuple[str, ...], list[str]] = {}
         for combo in combos:
-            # which keys of the space this combination's optimizer has (composed once per combo)
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(combo))
-            present = [k for k in self.space if OmegaConf.select(cfg, k) is not None]
+            # which keys of the space this combination's optimizer has: composed once per
+            # combination of the other keys (the seed changes no key)
+            other = tuple(o for o in combo if not o.startswith("seed="))
+            if other not in present_of:
+                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(combo))
+                present_of[other] = [k for k in self.space if OmegaConf.select(cfg, k) is not None]
+            present = present_of[other]
             for t, point in enumerate(points):
                 jobs.append(
                     [*combo, *(f"{k}={point[k]}" for k in present), f"{budget.TRIAL_KEY}={t}"]
