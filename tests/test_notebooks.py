@@ -58,4 +58,5 @@ def test_analysis_notebook_draws_the_sweep_curves_drift_heatmaps_and_report(root
     assert "image/png" in _outputs(drift), text(drift)  # the heatmaps, not the skip message
     report = by_source["artifacts = ["]
     assert "report/methods.csv" in text(report)
-    assert _outputs(report).count("image/png") == 1  # training_curves.png (no stepsize sweep)
+    # training_curves.png and tuning_curves.png (one α: a point per method)
+    assert _outputs(report).count("image/png") == 2

@@ -89,7 +89,7 @@ def test_methods_and_panels_group_by_method_config_and_seed():
     assert (b["diverged"], b["best_lr"], b["best_final"], b["lr_lo_2x"]) == (1, 1.0, 0.9, 1.0)
     panels = training_panels(kids, list(rows.values()))
     titles = [t for t, _ in panels]
-    assert titles == ["each method at its best stepsize α*", "method=a", "method=b"]
+    assert titles == ["each method at its best setting", "method=a", "method=b"]
     (label, curves), *_ = panels[0][1]
     assert label == "method=a α*=0.1" and len(curves) == 3
 
@@ -121,19 +121,28 @@ def _make_sweep(root) -> tuple[str, dict[tuple[str, float, int], str]]:
                 exp,
                 run_name=f"method={method} optim.lr={lr} seed={seed} #{num}",
                 tags={"mlflow.parentRunId": parent, "rescalelab.overrides": overrides},
+                start_time=now - 10_000,  # epoch 0 logged 5 s after the start, epoch 1 10 s
             ).info.run_id
             # Epoch 0 (steps 1, 3): F + 1; epoch 1 (steps 5, 7): F -/+ 0.1, mean F.
             losses = [final + 1, final + 1, final - 0.1, final + 0.1]
             if diverged:
                 losses[2:] = [math.nan, math.nan]
-            metrics = [Metric("train/loss", v, now, s) for v, s in zip(losses, (1, 3, 5, 7))]
+            stamps = (now - 5000, now - 5000, now, now)
+            metrics = [
+                Metric("train/loss", v, ts, s) for v, ts, s in zip(losses, stamps, (1, 3, 5, 7))
+            ]
             metrics += [Metric("epoch", e, now, s) for e, s in ((0, 1), (0, 3), (1, 5), (1, 7))]
             metrics += [Metric("val/loss", final + 0.2, now, 7), Metric("val/acc", 0.5, now, 7)]
             c.log_batch(
                 run,
                 metrics=metrics,
                 params=[Param("optim.lr", str(lr)), Param("seed", str(seed))],
-                tags=[RunTag("rescalelab.status", "diverged")] if diverged else [],
+                tags=[
+                    RunTag("rescalelab.status", "diverged"),
+                    RunTag("rescalelab.diverged_step", "5"),
+                ]
+                if diverged
+                else [],
             )
             c.set_terminated(run, "FAILED" if diverged else "FINISHED")
             ids[(method, lr, seed)] = run
@@ -149,12 +158,13 @@ def _csv(root, run_id: str, path: str) -> list[dict[str, str]]:
 
 def test_report_of_a_store_sweep_has_the_tables_figures_and_numbers(root):
     parent, ids = _make_sweep(root)
-    report = log_report(tracking_uri(root), parent)
+    report = log_report(tracking_uri(root), parent, target_ratio=0.5)
     c = client(root)
     files = {a.path for a in c.list_artifacts(parent, "report")}
     assert files == {
         "report/children.csv", "report/children.html", "report/methods.csv",
         "report/report.html", "report/training_curves.png", "report/tuning_curves.png",
+        "report/expected_best.png",
     }  # fmt: skip
     assert len(report.children) == 18
     for png in ("training_curves.png", "tuning_curves.png"):
@@ -172,6 +182,27 @@ def test_report_of_a_store_sweep_has_the_tables_figures_and_numbers(root):
     # b: best 0.51 at 0.01; 3.01 > 1.02 cuts the range: width 0; one diverged seed.
     assert float(b["best_lr"]) == 0.01 and float(b["best_final"]) == pytest.approx(0.51)
     assert float(b["width_decades_2x"]) == 0.0 and b["diverged"] == "1"
+    # Ranked by the median at the best setting: b (0.51) before a (1.01); n = 3 seeds, IQR.
+    assert list(methods) == ["method=b", "method=a"] and a["seeds"] == "3"
+    assert (float(a["best_final_q1"]), float(a["best_final_q3"])) == pytest.approx((1.005, 1.015))
+    # Tuneability. L0 = median of the 18 first losses F + 1 + 0.01 seed = (2.52 + 3.00)/2;
+    # target = 0.5 L0 = 1.38: reached at lr 0.1 by a (epoch 2: F = 1.0x), at 0.01 by b (0.5x).
+    assert float(a["initial_loss"]) == pytest.approx(2.76)
+    assert float(a["target"]) == pytest.approx(1.38)
+    for row in (a, b):  # 1 of 3 one-decade cells (grid 0.01, 0.1, 1: 3 decades with the ends)
+        assert float(row["reach_decades"]) == pytest.approx(1.0)
+        assert float(row["range_decades"]) == pytest.approx(3.0)
+        assert float(row["reach_share"]) == pytest.approx(1 / 3)
+        assert float(row["epochs_to_target"]) == 2.0  # the second epoch's mean
+        assert float(row["seconds_to_target"]) == pytest.approx(10.0)  # logged 10 s after start
+    # E[best after k] per seed over its 3 settings, median over seeds: a: k=1 the mean 1.5 +
+    # 0.01 s; k=3: (19 x 1 + 7 x 1.5 + 1 x 2)/27 + 0.01 s. b: the diverged seed-2 trial counts
+    # as L0 = 2.76: k=1 means 2.8333 (s=0), 2.8433 (s=1), 2.1 (s=2): median 2.8333.
+    assert float(a["expected_best_k1"]) == pytest.approx(1.51)
+    assert float(a["expected_best_kK"]) == pytest.approx(31.5 / 27 + 0.01)
+    assert float(b["expected_best_k1"]) == pytest.approx(8.5 / 3) and b["K"] == "3"
+    (bad,) = [k for k in report.children if k.diverged_x is not None]
+    assert bad.run_id == ids[("b", 1.0, 2)] and bad.diverged_x == 1.0  # step 5: epoch 1
 
     rows = _csv(root, parent, "report/children.csv")
     assert len(rows) == 18
@@ -187,7 +218,7 @@ def test_report_of_a_store_sweep_has_the_tables_figures_and_numbers(root):
     assert tags["rescalelab.report"] == "report/report.html"
     assert tags["rescalelab.best"] == "method=b optim.lr=0.01: final train/loss 0.5"
     html = Path(c.download_artifacts(parent, "report/report.html", str(root))).read_text()
-    assert html.count("data:image/png;base64,") == 2 and "width_decades_2x" in html
+    assert html.count("data:image/png;base64,") == 3 and "width_decades_2x" in html
 
 
 def test_report_cli_on_demand_by_run_id_and_bad_targets(root, capsys):
@@ -199,7 +230,15 @@ def test_report_cli_on_demand_by_run_id_and_bad_targets(root, capsys):
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "report of 18 runs logged" in ok.stdout
-    assert "method=a: best final train/loss 1.01 at lr=0.1, 2x range 2.00 decades" in ok.stdout
+    assert f"sweep parent run {parent}: 18 runs" in ok.stdout
+    (line,) = [ln for ln in ok.stdout.splitlines() if "method=a" in ln]
+    assert "optim.lr=0.1" in line and "1.01 [1.005, 1.015] (n=3)" in line and "0/9" in line
+    assert (
+        f"#/experiments/{client(root).get_run(parent).info.experiment_id}/runs/{parent}"
+        in ok.stdout
+    )
+    metrics = client(root).get_run(parent).data.metrics  # per-method results on the parent
+    assert metrics["a/best_final"] == pytest.approx(1.01) and metrics["b/diverged"] == 1
     assert (root / "rep" / "tuning_curves.png").exists()
     assert len((root / "rep" / "methods.csv").read_text().splitlines()) == 3
     # Bad targets, in-process (the same main()): one line, non-zero exit.
@@ -209,3 +248,30 @@ def test_report_cli_on_demand_by_run_id_and_bad_targets(root, capsys):
         report_main([str(root)])
     assert report_main(["0" * 32, "--tracking-uri", tracking_uri(root)]) == 1
     assert capsys.readouterr().err.startswith("error: MlflowException: Run with id=000")
+
+
+def test_tasks_get_their_own_rows_and_profiles_over_data_options(tmp_path):
+    from rescalelab.tracking.report import plot_profiles, profile_costs
+
+    def kid(data: str, method: str, values: list[float]) -> Child:
+        swept = {"data": data, "method": method, "optim.lr": "0.1"}
+        curve = [(float(e), v) for e, v in enumerate(values)]
+        stamps = [1000.0 * (e + 1) for e in range(len(values))]
+        return Child(f"{data}{method}", "n", "FINISHED", "", swept, 0.1, 1.0, curve=curve,
+                     stamps=stamps, start_ms=0.0, first_loss=2.0)  # fmt: skip
+
+    # L0 = 2, target 0.5 x 2 = 1: on t1, a reaches it at epoch 1, b at epoch 3; on t2 only b
+    # (epoch 2). Ratios: t1 a 1, b 3; t2 a inf, b 1.
+    kids = [kid("t1", "a", [0.9, 0.5, 0.4]), kid("t1", "b", [1.5, 1.2, 1.0]),
+            kid("t2", "a", [1.8, 1.7, 1.6]), kid("t2", "b", [1.4, 0.8, 0.7])]  # fmt: skip
+    rows = method_table(kids, target_ratio=0.5)
+    assert [(r["task"], r["method"]) for r in rows] == [
+        ("t1", "method=a"), ("t1", "method=b"), ("t2", "method=b"), ("t2", "method=a"),
+    ]  # fmt: skip
+    costs = profile_costs(rows)
+    assert costs == {"t1": {"method=a": 1.0, "method=b": 3.0},
+                     "t2": {"method=b": 2.0, "method=a": INF}}  # fmt: skip
+    secs = profile_costs(rows, "seconds_to_target")
+    assert secs["t1"] == {"method=a": 1.0, "method=b": 3.0}  # logged 1 s per epoch
+    plot_profiles(rows, tmp_path / "profiles.png")
+    assert (tmp_path / "profiles.png").read_bytes()[:4] == b"\x89PNG"

@@ -19,7 +19,16 @@ import rescalelab
 from rescalelab.gpu_slots import GpuPerWorker, claim_gpu
 from rescalelab.tracking.sweep import parent_status, swept_keys
 from rescalelab.validate import validate
-from tests.helpers import TINY, all_runs, assert_ok, child_runs, client, history, run_cli
+from tests.helpers import (
+    TINY,
+    all_runs,
+    assert_ok,
+    child_runs,
+    client,
+    history,
+    run_cli,
+    tracking_uri,
+)
 
 CONF = Path(rescalelab.__file__).parent / "conf"
 BASE = ["paths.root=/tmp/rescalelab-compose", "paths.output_dir=/tmp/rescalelab-compose/out"]
@@ -60,24 +69,33 @@ def test_swept_keys_combine_sweeper_params_and_the_command_line():
     assert parent_status(False, 0, KeyboardInterrupt()) == "KILLED"
 
 
+SEEDS = {"seed": "range(0,3)"}  # every comparison preset: n_seeds=3 seeds
 PRESET_SWEEPS = {
-    "paper_cifar10": {"method": "sg,sg_fanin,bn,whitening", "optim.lr": "0.01,0.03,0.1,0.3,1,3"},
-    "paper_imagenet_10pct": {"method": "bn,whitening", "optim.lr": "0.01,0.1,1"},
-    "bn_warmup": {"norm.warmup_epochs": "0,1,2,3"},
+    "paper_cifar10": {
+        "method": "sg,sg_fanin,bn,whitening",
+        "optim.lr": "0.01,0.03,0.1,0.3,1,3",
+        **SEEDS,
+    },
+    "paper_imagenet_10pct": {"method": "bn,whitening", "optim.lr": "0.01,0.1,1", **SEEDS},
+    "bn_warmup": {"norm.warmup_epochs": "0,1,2,3", **SEEDS},
+    "norm_compare": {"norm": "none,bn", "optim.lr": "0.02,0.05,0.1", **SEEDS},
     "tuning": {
         "method": "sg,sg_fanin,bn,whitening,rmsprop,adam,adagrad",
         "optim.lr": "0.0001,0.0003,0.001,0.003,0.01,0.03,0.1,0.3,1,3,10",
-        "seed": "0,1,2",
+        **SEEDS,
     },
 }
 PRESET_DATA = {"paper_cifar10": "CIFAR10", "paper_imagenet_10pct": "ImageNetSubset",
-               "bn_warmup": "CIFAR10", "tuning": "CIFAR10"}  # fmt: skip
+               "bn_warmup": "CIFAR10", "tuning": "CIFAR10", "norm_compare": "SyntheticImages"}  # fmt: skip
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_SWEEPS))
 def test_lecture_presets_sweep_their_grid_and_run_on_small_data(preset):
     cfg = _compose(f"experiment={preset}")
-    assert OmegaConf.to_container(cfg.hydra.sweeper.params) == PRESET_SWEEPS[preset]
+    assert OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) == PRESET_SWEEPS[preset]
+    # one documented key changes the number of seeds
+    n5 = _compose(f"experiment={preset}", "n_seeds=5")
+    assert n5.hydra.sweeper.params.seed == "range(0,5)"
     assert cfg.data._target_.endswith(PRESET_DATA[preset])
     assert cfg.logger.experiment_name == preset
     for data in ("synthetic", "digits"):  # the quick look: every preset on small data
@@ -150,7 +168,9 @@ def test_gpu_slots_one_gpu_per_worker_process(tmp_path):
 @pytest.mark.slow
 def test_bn_warmup_preset_gives_one_parent_four_children_and_a_report(root):
     # warm-up epochs 0..3 need at least 4 epochs (the switch happens inside training)
-    proc = run_cli(root, "-m", "experiment=bn_warmup", "data=synthetic", "trainer.max_epochs=4")
+    proc = run_cli(
+        root, "-m", "experiment=bn_warmup", "data=synthetic", "trainer.max_epochs=4", "seed=0"
+    )  # seed=0: one seed (the command line wins over the preset's seed sweep)
     assert_ok(proc)
     parent = _parent(root, "bn_warmup")
     children = child_runs(root, "bn_warmup")
@@ -168,7 +188,7 @@ def test_bn_warmup_preset_gives_one_parent_four_children_and_a_report(root):
     assert sorted(r.data.params["norm.warmup_epochs"] for r in children) == ["0", "1", "2", "3"]
     files = {a.path for a in client(root).list_artifacts(parent.info.run_id, "report")}
     assert {"report/children.csv", "report/report.html", "report/training_curves.png"} <= files
-    assert "report/tuning_curves.png" not in files  # no stepsize sweep: no tuning curve
+    assert "report/tuning_curves.png" in files  # one α: a point per configuration
     rows = {r["run_id"]: r for r in _report_rows(root, parent.info.run_id)}
     assert len(rows) == 4
     for run in children:
@@ -255,3 +275,106 @@ def test_optuna_trials_are_children_and_minimise_the_chosen_metric(root):
     files = {a.path for a in client(root).list_artifacts(parent.info.run_id, "report")}
     assert "report/tuning_curves.png" in files
     assert TINY[0] in parent.data.tags["rescalelab.overrides"]
+
+
+@pytest.mark.slow
+def test_quick_look_norm_sweep_prints_and_records_the_answer(root):
+    # The issue's quick look, shrunk: 3 norms, 2 epochs of 8 steps.
+    proc = run_cli(
+        root, "-m", "norm=none,bn,whitening", "trainer.max_epochs=2", "trainer.log_every_n_steps=1"
+    )
+    assert_ok(proc)
+    parent = _parent(root)
+    pid, eid = parent.info.run_id, parent.info.experiment_id
+    children = child_runs(root)
+    # each child records its chosen options, so MLflow filters by option name work
+    assert sorted(r.data.params["norm"] for r in children) == ["bn", "none", "whitening"]
+    assert {r.data.params["optim"] for r in children} == {"sgd"}
+    (whitening,) = client(root).search_runs([eid], "params.norm = 'whitening'")
+    assert whitening.data.params["norm._target_"].endswith("Whitening")
+    # methods.csv: a row of numbers per norm; F* = the last epoch's mean training loss
+    methods = {r["method"]: r for r in _report_rows(root, pid, "methods.csv")}
+    assert sorted(methods) == ["norm=bn", "norm=none", "norm=whitening"]
+    for run in children:
+        row = methods[f"norm={run.data.params['norm']}"]
+        epochs = dict(history(root, run.info.run_id, "epoch"))
+        if "train/loss_epoch" in run.data.metrics:
+            final = history(root, run.info.run_id, "train/loss_epoch")[-1][1]
+        else:
+            last = [v for s, v in history(root, run.info.run_id, "train/loss") if epochs[s] == 1]
+            assert len(last) == 8  # every step of the second epoch
+            final = sum(last) / len(last)
+        assert float(row["best_final"]) == pytest.approx(final)
+        assert row["seeds"] == "1" and row["runs"] == "1" and float(row["initial_loss"]) > 0
+        first = history(root, run.info.run_id, "train/loss")[0]
+        assert first[0] == 0  # the initial loss: step 0, before the first update
+    l0 = sorted(history(root, r.info.run_id, "train/loss")[0][1] for r in children)[1]
+    assert float(methods["norm=bn"]["initial_loss"]) == pytest.approx(l0)  # median of 3
+    assert float(methods["norm=bn"]["target"]) == pytest.approx(0.01 * l0)
+    files = {a.path for a in client(root).list_artifacts(pid, "report")}
+    assert {"report/training_curves.png", "report/tuning_curves.png"} <= files
+    # the parent: swept keys, the shared config as params, per-method results as metrics
+    params, metrics = parent.data.params, parent.data.metrics
+    assert params["swept_keys"] == "norm" and params["swept.norm"] == "none,bn,whitening"
+    assert params["data.num_train"] == "512" and "norm._target_" not in params
+    for norm in ("none", "bn", "whitening"):
+        assert metrics[f"{norm}/best_final"] == pytest.approx(
+            float(methods[f"norm={norm}"]["best_final"])
+        )
+    # the printed answer: parent id, a row per norm, the report, how to browse it
+    out = proc.stdout
+    assert f"sweep parent run {pid}: 3 runs" in out
+    assert all(
+        any(f"norm={n}" in ln for ln in out.splitlines()) for n in ("none", "bn", "whitening")
+    )
+    assert "report.html" in out and f"mlflow ui --backend-store-uri {tracking_uri(root)}" in out
+    assert f"http://127.0.0.1:5000/#/experiments/{eid}/runs/{pid}" in out
+
+
+@pytest.mark.slow
+def test_budget_search_gives_every_method_the_same_qmc_trials(root):
+    from rescalelab.analysis.budget import qmc_points
+
+    proc = run_cli(
+        root, "hparams_search=budget", "data=digits", "method=sg,adam", "hydra.sweeper.trials=2",
+        "seed=0", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+    )  # fmt: skip
+    assert_ok(proc)
+    parent = _parent(root)
+    cfg = _compose("hparams_search=budget")
+    space = OmegaConf.to_container(cfg.hydra.sweeper.space)
+    points = qmc_points(space, 2, seed=0)
+    children = child_runs(root)
+    assert len(children) == 4
+    for run in children:
+        p = run.data.params
+        point = points[int(p["budget_trial"])]
+        assert float(p["optim.lr"]) == point["optim.lr"]
+        assert float(p["optim.weight_decay"]) == point["optim.weight_decay"]
+        if p["method"] == "sg":  # SGD has momentum and no eps; Adam the other way round
+            assert float(p["optim.momentum"]) == point["optim.momentum"] and "optim.eps" not in p
+        else:
+            assert float(p["optim.eps"]) == point["optim.eps"] and "optim.momentum" not in p
+    per_method = sorted((r.data.params["method"], r.data.params["optim.lr"]) for r in children)
+    lrs = sorted(str(q["optim.lr"]) for q in points)
+    assert per_method == [("adam", a) for a in lrs] + [("sg", a) for a in lrs]
+    params = parent.data.params
+    assert params["budget.trials"] == "2"
+    assert json.loads(params["budget.space.optim.lr"]) == {"low": 1e-4, "high": 10.0, "log": True}
+    # per method: E[best after k] from the trials' final values (a diverged trial counts as L0)
+    rows = {r["method"]: r for r in _report_rows(root, parent.info.run_id, "methods.csv")}
+    kids = _report_rows(root, parent.info.run_id)
+    for method in ("sg", "adam"):
+        row = rows[f"method={method}"]
+        l0 = float(row["initial_loss"])
+        finals = sorted(
+            l0 if k["rescalelab.status"] == "diverged" else float(k["final_epoch_train/loss"])
+            for k in kids if k["method"] == f"method={method}"
+        )  # fmt: skip
+        assert row["K"] == "2" and row["settings"] == "2"
+        assert float(row["expected_best_k1"]) == pytest.approx(sum(finals) / 2)
+        assert float(row["expected_best_kK"]) == pytest.approx(0.75 * finals[0] + 0.25 * finals[1])
+        assert float(row["range_decades"]) == pytest.approx(5.0)  # the declared 1e-4..10
+        assert 0.0 <= float(row["reach_share"]) <= 1.0
+    files = {a.path for a in client(root).list_artifacts(parent.info.run_id, "report")}
+    assert "report/expected_best.png" in files

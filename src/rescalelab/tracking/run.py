@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import rescalelab
 from rescalelab.errors import ConfigError
+from rescalelab.tracking.options import option_params
 from rescalelab.tracking.resilient import ResilientMLFlowLogger
 from rescalelab.tracking.store import ensure_experiment
 
@@ -149,6 +150,7 @@ class TrackedRun:
         self = cls(tracking_uri, experiment_name, run.info.run_id)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         params = flatten(resolved)
+        params.update(option_params())  # norm=whitening…: filters by option name
         params.update({k: str(v) for k, v in (extra_params or {}).items()})
         self.log_params(params)
         self.log_config(cfg, output_dir)

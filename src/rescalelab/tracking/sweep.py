@@ -38,6 +38,9 @@ from omegaconf import DictConfig, OmegaConf
 from rescalelab.errors import ConfigError, exit_bad_input
 from rescalelab.preflight import check_sweep
 from rescalelab.tracking.run import PARENT_FILE, read_parent
+from rescalelab.analysis.budget import budget_info
+from rescalelab.analysis.summary import finish_sweep, record_start
+from rescalelab.tracking.run import PARENT_FILE
 from rescalelab.tracking.store import ensure_experiment
 
 FAILED_FILE = "failed_jobs.txt"  # one line per job that raised, written by the job's process
@@ -76,10 +79,13 @@ class MlflowSweepCallback(Callback):
 
     ``report``: build and log the sweep report when the multirun ends (``true`` by default).
     ``report_metric``: the metric of the report's curves and tuning curves.
+    ``target_ratio``: the tuneability target, as a fraction of the initial loss.
     """
 
-    def __init__(self, report: bool = True, report_metric: str = "train/loss") -> None:
-        self.report, self.report_metric = report, report_metric
+    def __init__(
+        self, report: bool = True, report_metric: str = "train/loss", target_ratio: float = 0.01
+    ) -> None:
+        self.report, self.report_metric, self.target_ratio = report, report_metric, target_ratio
         self._parent: tuple[str, str] | None = None
         self._sweep_dir: Path | None = None
         self._closed = False
@@ -92,8 +98,11 @@ class MlflowSweepCallback(Callback):
         name = str(OmegaConf.select(config, "logger.experiment_name"))
         overrides = list(HydraConfig.get().overrides.task)
         params = OmegaConf.select(config, "hydra.sweeper.params")
-        params = OmegaConf.to_container(params, resolve=False) if params is not None else None
+        # resolved: presets write ``seed: range(0,${n_seeds})``
+        params = OmegaConf.to_container(params, resolve=True) if params is not None else None
         swept = swept_keys(overrides, params)
+        budget = budget_info(config)  # an equal tuning budget sweeps its space's keys too
+        swept += [k for k in (budget or {}).get("keys", []) if k not in swept]
         try:  # every job, before anything exists: a bad one is one line, exit 2, no parent
             check_sweep(config, overrides, swept)
         except ConfigError as e:
@@ -124,6 +133,8 @@ class MlflowSweepCallback(Callback):
                 "mlflow.source.name": "rescalelab-train -m",
             },
         )
+        values = {**(params or {}), **dict(o.split("=", 1) for o in overrides if "=" in o)}
+        record_start(client, run.info.run_id, config, swept, values)
         (sweep_dir / PARENT_FILE).write_text(
             json.dumps(
                 {
@@ -193,7 +204,10 @@ class MlflowSweepCallback(Callback):
             from rescalelab.tracking.report import log_report
 
             try:
-                log_report(uri, run_id, metric=self.report_metric)
+                report = log_report(
+                    uri, run_id, metric=self.report_metric, target_ratio=self.target_ratio
+                )
+                finish_sweep(client, run_id, report, uri, self.report_metric)
             except Exception as e:  # a report problem must not hide the sweep's own outcome
                 client.set_tag(run_id, "rescalelab.report", f"failed: {type(e).__name__}: {e}")
                 print(f"warning: the sweep report failed: {e}", file=sys.stderr)

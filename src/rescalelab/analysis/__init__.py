@@ -1,0 +1,6 @@
+"""Analysis of finished sweeps: tuneability measures, performance profiles, the tuning budget.
+
+Pure functions (no MLflow, no plotting) live in :mod:`.tuneability` and :mod:`.profiles`;
+:mod:`.budget` draws an equal, quasi-random tuning budget for every method (a Hydra sweeper);
+:mod:`.summary` records a sweep's answer on its parent run and prints it.
+"""
