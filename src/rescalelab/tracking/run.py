@@ -8,9 +8,11 @@ config — is decided in this one module.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,28 @@ def run_name(
         parts = [o for o in parts if o.lstrip("+~").split("=", 1)[0] in swept_keys]
     name = " ".join(parts) or "default"
     return name if job_num is None else f"{name} #{job_num}"
+
+
+def ui_hint(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """``<mlflow> ui --backend-store-uri <store>``, then on a second line the run's URL in it.
+
+    ``<mlflow>`` is plain ``mlflow`` when that is on ``PATH`` and is this interpreter's (an
+    activated venv), else the full path of the one beside this interpreter. A tracking server
+    is browsed directly: only its URL is given.
+    """
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    beside = Path(sys.executable).parent / "mlflow"
+    on_path = shutil.which("mlflow")
+    if beside.exists() and not (on_path and Path(on_path).resolve() == beside.resolve()):
+        mlflow = shlex.quote(str(beside))
+    else:
+        mlflow = "mlflow"
+    return (
+        f"{mlflow} ui --backend-store-uri {shlex.quote(tracking_uri)}\n"
+        f"   this run: http://127.0.0.1:5000/{page}"
+    )
 
 
 def git_commit(cwd: str | Path) -> str | None:
@@ -236,7 +260,9 @@ class TrackedRun:
         self.client.set_terminated(self.run_id, status)
 
     def ui_command(self) -> str:
-        return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+        """What to type to browse this run, and its address: runnable as printed."""
+        return ui_hint(self.tracking_uri, self.client.get_run(self.run_id).info.experiment_id,
+                       self.run_id)  # fmt: skip
 
 
 class ReplicaRun:
