@@ -31,7 +31,10 @@ _LIGHTNING_INFO_LOGGERS = (
     "lightning.fabric.utilities.rank_zero",
 )
 # "Creating initial MLflow database tables…", "Updating database tables" on a fresh store.
-_MLFLOW_INFO_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
+# "Started monitoring system metrics." and its stop lines, on every run.
+_MLFLOW_INFO_LOGGERS = (
+    "mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.system_metrics",
+)  # fmt: skip
 # Raised inside pytorch_lightning/utilities/_pytree.py by torch >= 2.10 on every fit; nothing the
 # user can act on (Lightning's own code calls the deprecated LeafSpec).
 _STACK_WARNINGS = ((r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),)

@@ -136,6 +136,7 @@ def train(cfg: DictConfig) -> float | None:
             write_run_files(output_dir, run.run_id, overrides)
             # Files that define the data exactly (e.g. an ImageNet subset's file list).
             run.log_files(getattr(parts["datamodule"], "artifacts", {}), "data")
+            run.log_dataset(parts["datamodule"], cfg.data)  # the UI's Dataset column
     logger = run.logger(
         skip_through=skip, spill_path=Path(output_dir) / "undelivered_metrics.jsonl"
     )
