@@ -56,6 +56,14 @@ def swept_keys(cli_overrides: list[str], sweeper_params: dict[str, Any] | None) 
     return [k for k, is_sweep in sweeps.items() if is_sweep]
 
 
+def parent_name(preset: str | None, overrides: list[str], swept: list[str], when: datetime) -> str:
+    """What differs between sweeps first (the UI cuts long names): the preset, the swept keys
+    (``key=values`` as typed, for those of the command line), then the start time."""
+    typed = {o.lstrip("+~").split("=", 1)[0]: o.lstrip("+~") for o in overrides if "=" in o}
+    keys = " ".join(typed.get(k, k) for k in swept)
+    return " ".join(p for p in (preset or "sweep", keys, f"{when:%Y-%m-%d %H:%M:%S}") if p)
+
+
 def parent_status(multirun_ended: bool, failed_jobs: int, last_exception: object) -> str:
     """``FINISHED`` only when the multirun ended normally and no job raised."""
     if isinstance(last_exception, KeyboardInterrupt):
@@ -95,7 +103,7 @@ class MlflowSweepCallback(Callback):
         client = MlflowClient(uri)
         run = client.create_run(
             experiment_id,
-            run_name=f"{name} sweep {datetime.now():%Y-%m-%d %H:%M:%S}",
+            run_name=parent_name(choices.get("experiment"), overrides, swept, datetime.now()),
             tags={
                 "rescalelab.sweep": "parent",
                 "rescalelab.overrides": " ".join(overrides),

@@ -1,0 +1,1 @@
+"""Analyses across runs and sweeps (read back from MLflow)."""
