@@ -6,8 +6,9 @@
 #
 # start: installs Debian's `postgresql` package when no server binaries are found (as root, with
 # apt-get), creates a cluster in $RESCALELAB_PG_DIR (default /tmp/rescalelab-pg-$UID) owned by the
-# `postgres` user when run as root (PostgreSQL refuses to run as root), starts it listening on a
-# Unix socket only (no TCP port to collide with), and gives the tests a fresh, empty database.
+# `postgres` user when run as root (PostgreSQL refuses to run as root), starts it on 127.0.0.1
+# port $RESCALELAB_PG_PORT (default 55432; the MLflow server's workers need a TCP address: with a
+# Unix-socket URI they die at start), and gives the tests a fresh, empty database.
 # Run twice, it reuses the running server and recreates the database. When no server can be had
 # (no apt-get, no root) it says why on stderr and prints nothing: the tests then skip.
 set -euo pipefail
@@ -17,6 +18,7 @@ db="${RESCALELAB_PG_DB:-rescalelab_test}"
 data="$dir/data"
 sock="$dir/sock"
 log="$dir/server.log"
+port="${RESCALELAB_PG_PORT:-55432}"
 
 bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 say() { echo "test_postgres: $*" >&2; }
@@ -46,13 +48,13 @@ start() {
     as_owner "$bin/initdb" -D "$data" --auth=trust --username=postgres -E UTF8 >/dev/null
   fi
   if ! as_owner "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
-    # listen_addresses='': Unix socket only. fsync off: a test database need not survive a crash.
-    as_owner "$bin/pg_ctl" -D "$data" -l "$log" -w -t 60 \
-      -o "-c listen_addresses='' -c unix_socket_directories='$sock' -c fsync=off" start >/dev/null
+    # Loopback only. fsync off: a test database need not survive a crash.
+    as_owner "$bin/pg_ctl" -D "$data" -l "$log" -w -t 60 -o "-c listen_addresses=127.0.0.1 \
+      -p $port -c unix_socket_directories='$sock' -c fsync=off" start >/dev/null
   fi
-  PGOPTIONS="-c client_min_messages=warning" as_owner "$bin/psql" -h "$sock" -U postgres -d postgres -q -v ON_ERROR_STOP=1 \
+  PGOPTIONS="-c client_min_messages=warning" as_owner "$bin/psql" -h "$sock" -p "$port" -U postgres -d postgres -q -v ON_ERROR_STOP=1 \
     -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null
-  echo "export RESCALELAB_TEST_POSTGRES_URI='postgresql://postgres@/$db?host=$sock'"
+  echo "export RESCALELAB_TEST_POSTGRES_URI='postgresql://postgres@127.0.0.1:$port/$db'"
 }
 
 stop() {
