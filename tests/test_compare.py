@@ -12,7 +12,8 @@ from tests.helpers import all_runs, assert_ok, child_runs, cli_env, client, run_
 def test_compare_a_sweep_and_a_run_writes_a_table_a_figure_and_logs_them(tmp_path):
     assert_ok(run_cli(tmp_path, "-m", "norm=none,bn"))
     children = child_runs(tmp_path)
-    (parent,) = [r for r in all_runs(tmp_path) if r not in children]
+    ids = {r.info.run_id for r in children}
+    (parent,) = [r for r in all_runs(tmp_path) if r.info.run_id not in ids]
     (sweep_dir,) = (tmp_path / "multirun").glob("*/*")
     lone = children[0].info.run_id
     out = tmp_path / "cmp"
