@@ -31,6 +31,7 @@ from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from rescalelab.console import quiet_stack
 from rescalelab.tracking.run import PARENT_FILE
 from rescalelab.tracking.store import ensure_experiment
 
@@ -90,6 +91,7 @@ class MlflowSweepCallback(Callback):
         # The launcher sets this too, later; resolving hydra.sweep.dir (and ${paths.root},
         # which reads hydra:runtime.cwd) needs it now. ${now:} is cached, so the dir is the same.
         HydraConfig.instance().set_config(config)
+        quiet_stack()  # before the store is created: MLflow's "Creating initial tables" lines
         uri = str(OmegaConf.select(config, "logger.tracking_uri"))
         name = str(OmegaConf.select(config, "logger.experiment_name"))
         sweep_dir = Path(str(config.hydra.sweep.dir))
