@@ -480,7 +480,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="rescalelab-bench", description=__doc__.splitlines()[0])
     p.add_argument(
         "--quick", action="store_true",
-        help="a smoke run of every row, about 2 minutes on a 2-core CPU (its numbers are noise)",
+        help="a smoke run of every row (its numbers are noise): ~95 s on an idle 2-core CPU, "
+        "minutes more on a busy one (the progress line shows the time elapsed)",
     )  # fmt: skip
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--rows", nargs="*", help="subset of: framework norm drift data gpu")
