@@ -7,8 +7,8 @@
 # start: installs Debian's `postgresql` package when no server binaries are found (as root, with
 # apt-get), creates a cluster in $RESCALELAB_PG_DIR (default /tmp/rescalelab-pg-$UID) owned by the
 # `postgres` user when run as root (PostgreSQL refuses to run as root), starts it on 127.0.0.1
-# port $RESCALELAB_PG_PORT (default 55432; the MLflow server's workers need a TCP address: with a
-# Unix-socket URI they die at start), and gives the tests a fresh, empty database.
+# port $RESCALELAB_PG_PORT (default 55432; a plain host:port URI, as a team server would use),
+# and gives the tests a fresh, empty database.
 # Run twice, it reuses the running server and recreates the database. When no server can be had
 # (no apt-get, no root) it says why on stderr and prints nothing: the tests then skip.
 set -euo pipefail
