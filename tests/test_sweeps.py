@@ -175,7 +175,7 @@ def test_bn_warmup_preset_gives_one_parent_four_children_and_a_report(root):
     parent = _parent(root, "bn_warmup")
     children = child_runs(root, "bn_warmup")
     assert parent.info.status == "FINISHED"
-    assert parent.info.run_name.startswith("bn_warmup sweep ")
+    assert parent.info.run_name.startswith("bn_warmup norm.warmup_epochs 20")
     tags = parent.data.tags
     assert json.loads(tags["rescalelab.swept_keys"]) == ["norm.warmup_epochs"]
     assert tags["rescalelab.experiment"] == "bn_warmup" and tags["rescalelab.failed_jobs"] == "0"

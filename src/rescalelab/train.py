@@ -26,9 +26,9 @@ from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ProgressBar
-from rich.console import Console
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
+from rescalelab.console import console, quiet_stack
 from rescalelab.distributed import check_launch
 from rescalelab.errors import EXIT_DIVERGED, ConfigError, exit_bad_input
 from rescalelab.instruments.checkpoint import Interrupted, RngState
@@ -42,8 +42,6 @@ from rescalelab.tracking import TrackedRun, flatten, read_parent
 from rescalelab.tracking.resilient import PendingMetrics
 from rescalelab.tracking.store import check_store
 from rescalelab.validate import check_added_keys, check_num_classes, validate
-
-console = Console(stderr=True)
 
 
 def _build(group: str, cfg: DictConfig, **kwargs: Any) -> Any:
@@ -102,6 +100,7 @@ def train(cfg: DictConfig) -> float | None:
     A diverged run returns +inf (-inf when the sweeper maximizes), so that a sweep goes on and
     ranks it last. ``resume=true`` continues the run of this output directory (``resume.py``).
     """
+    quiet_stack()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     output_dir = hc.runtime.output_dir
@@ -148,12 +147,16 @@ def train(cfg: DictConfig) -> float | None:
                 write_run_files(output_dir, run.run_id, overrides)
                 # Files that define the data exactly (e.g. an ImageNet subset's file list).
                 run.log_files(getattr(parts["datamodule"], "artifacts", {}), "data")
+                run.log_dataset(parts["datamodule"], cfg.data)  # the UI's Dataset column
     with _ends_run_on_error(run):
         logger = run.logger(
             skip_through=skip, spill_path=Path(output_dir) / "undelivered_metrics.jsonl"
         )
         callbacks = [*parts["callbacks"], RngState(), PendingMetrics()]
-        trainer = _build("trainer", cfg.trainer, callbacks=callbacks, logger=logger)
+        # callbacks.checkpoint=null means no checkpoint files: Lightning must not add its own.
+        has_ckpt = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+        no_default = {} if has_ckpt else {"enable_checkpointing": False}
+        trainer = _build("trainer", cfg.trainer, callbacks=callbacks, logger=logger, **no_default)
     try:
         if runner is not None:
             runner.run(cfg, parts, logger)

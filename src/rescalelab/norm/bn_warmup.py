@@ -29,6 +29,7 @@ before the weights are restored, so a resumed run continues in the whitened phas
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +136,8 @@ class BnWarmup(NormPlug):
         step = int(module.global_step)
         self.switched_at_step = step
         rebuild_optimizers(trainer)
+        if trainer.is_global_zero:
+            logging.getLogger(__name__).info(f"bn_warmup: switched to whitening at step {step} (epoch {module.current_epoch}): BN folded, loss {before:.4g} -> {after:.4g}")  # fmt: skip
         metrics = {
             "norm/switch_step": float(step),
             "norm/loss_before_switch": before,

@@ -43,6 +43,7 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -886,6 +887,19 @@ def resolve_target(target: str, tracking_uri: str | None) -> tuple[str, str]:
     return tracking_uri or default_tracking_uri(os.getcwd()), target
 
 
+def keep_previous(client: MlflowClient, run_id: str, out: str | None) -> Path | None:
+    """Rename an existing report folder (``--out``, else ``<sweep dir>/report``) to
+    ``report-<its time>`` so that rebuilding never silently overwrites it; return the new name."""
+    sweep_dir = client.get_run(run_id).data.tags.get("rescalelab.sweep_dir")
+    folder = Path(out) if out else Path(sweep_dir) / "report" if sweep_dir else None
+    if folder is None or not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    when = datetime.fromtimestamp(folder.stat().st_mtime)
+    kept = folder.with_name(f"{folder.name}-{when:%Y%m%d-%H%M%S}")
+    folder.rename(kept)
+    return kept
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``rescalelab-report <parent run id | sweep dir> [--tracking-uri URI] [--metric KEY]``."""
     p = argparse.ArgumentParser(
@@ -909,6 +923,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     uri, run_id = resolve_target(args.target, args.tracking_uri)
     try:
+        kept = keep_previous(MlflowClient(uri), run_id, args.out)
+        if kept is not None:
+            print(f"the previous report is kept in {kept}; the run's report/ is replaced")
         report = log_report(
             uri, run_id, metric=args.metric, out_dir=args.out, target_ratio=args.target_ratio
         )

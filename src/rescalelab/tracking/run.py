@@ -8,9 +8,11 @@ config — is decided in this one module.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import rescalelab
 from rescalelab.errors import ConfigError
+from rescalelab.tracking.environment import (
+    SystemMetrics,
+    choice_tags,
+    log_dataset,
+    log_environment,
+)
 from rescalelab.tracking.options import option_params
 from rescalelab.tracking.resilient import ResilientMLFlowLogger
 from rescalelab.tracking.store import ensure_experiment
@@ -60,6 +68,34 @@ def run_name(
     return name if job_num is None else f"{name} #{job_num}"
 
 
+def ui_hint(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """``<mlflow> ui --backend-store-uri <store>``, then on a second line the run's URL in it.
+
+    ``<mlflow>`` is plain ``mlflow`` when that is on ``PATH`` and is this interpreter's (an
+    activated venv), else the full path of the one beside this interpreter. A tracking server
+    is browsed directly: only its URL is given.
+    """
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    beside = Path(sys.executable).parent / "mlflow"
+    on_path = shutil.which("mlflow")
+    if beside.exists() and not (on_path and Path(on_path).resolve() == beside.resolve()):
+        mlflow = shlex.quote(str(beside))
+    else:
+        mlflow = "mlflow"
+    return (
+        f"{mlflow} ui --backend-store-uri {shlex.quote(tracking_uri)}\n"
+        f"   this run: http://127.0.0.1:5000/{page}"
+    )
+
+
+def _swept_values(overrides: list[str], swept_keys: list[str]) -> dict[str, str]:
+    """``{key: value}`` of this job's overrides whose key the sweep sweeps."""
+    pairs = (o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    return {k: v for k, v in pairs if k in swept_keys}
+
+
 def git_commit(cwd: str | Path) -> str | None:
     try:
         out = subprocess.run(
@@ -80,10 +116,12 @@ class MlflowTracking:
     """``logger=mlflow``: where runs go. ``start`` creates one job's run (see :class:`TrackedRun`)."""
 
     def __init__(
-        self, tracking_uri: str, experiment_name: str = "rescalelab", log_model: bool = False
-    ) -> None:
+        self, tracking_uri: str, experiment_name: str = "rescalelab", log_model: bool = False,
+        system_metrics: float | None = 10.0,
+    ) -> None:  # fmt: skip
         self.tracking_uri, self.experiment_name = tracking_uri, experiment_name
         self.log_model = log_model  # log the final checkpoints as artifacts (train.py)
+        self.system_metrics = system_metrics  # seconds between samples; null: none
 
     def start(self, cfg: DictConfig, **kwargs: Any) -> TrackedRun | ReplicaRun:
         """One run per job: ranks that torchrun/srun started run the job too, but only global
@@ -92,8 +130,9 @@ class MlflowTracking:
 
         start = TrackedRun.start if launch_rank() == 0 else ReplicaRun.start
         return start(
-            cfg, tracking_uri=self.tracking_uri, experiment_name=self.experiment_name, **kwargs
-        )
+            cfg, tracking_uri=self.tracking_uri, experiment_name=self.experiment_name,
+            system_metrics=self.system_metrics, **kwargs,
+        )  # fmt: skip
 
     def reopen(self, run_id: str) -> TrackedRun | ReplicaRun:
         """The existing run ``run_id``, to resume it (rank 0 only, as :meth:`start`)."""
@@ -101,7 +140,9 @@ class MlflowTracking:
 
         if launch_rank() != 0:
             return ReplicaRun(self.tracking_uri, self.experiment_name)
-        return TrackedRun.reopen(self.tracking_uri, self.experiment_name, run_id)
+        run = TrackedRun.reopen(self.tracking_uri, self.experiment_name, run_id)
+        run.system_metrics = self.system_metrics
+        return run
 
 
 class TrackedRun:
@@ -110,6 +151,8 @@ class TrackedRun:
     def __init__(self, tracking_uri: str, experiment_name: str, run_id: str) -> None:
         self.tracking_uri, self.experiment_name, self.run_id = tracking_uri, experiment_name, run_id
         self.client = MlflowClient(tracking_uri)
+        self.system_metrics: float | None = 10.0  # sampling interval (s) when (re)started
+        self._monitor: SystemMetrics | None = None
 
     @classmethod
     def start(
@@ -124,6 +167,7 @@ class TrackedRun:
         parent: dict[str, Any] | None = None,
         extra_params: dict[str, Any] | None = None,
         extra_tags: dict[str, str] | None = None,
+        system_metrics: float | None = 10.0,
     ) -> TrackedRun:
         experiment_id = ensure_experiment(tracking_uri, experiment_name)
         client = MlflowClient(tracking_uri)
@@ -139,6 +183,7 @@ class TrackedRun:
             tags["mlflow.source.git.commit"] = commit
         if parent:
             tags["mlflow.parentRunId"] = parent["run_id"]
+        tags.update(choice_tags(_swept_values(overrides, parent["swept_keys"] if parent else [])))
         tags.update(extra_tags or {})
         run = client.create_run(
             experiment_id,
@@ -154,7 +199,21 @@ class TrackedRun:
         params.update({k: str(v) for k, v in (extra_params or {}).items()})
         self.log_params(params)
         self.log_config(cfg, output_dir)
+        self.set_tags(log_environment(client, self.run_id, Path(rescalelab.__file__).parent))
+        self.system_metrics = system_metrics
+        self.start_system_metrics()
         return self
+
+    def start_system_metrics(self, resume: bool = False) -> None:
+        """MLflow's system-metrics monitor on this run (every ``system_metrics`` seconds)."""
+        if self.system_metrics and self._monitor is None:
+            self._monitor = SystemMetrics(
+                self.tracking_uri, self.run_id, self.system_metrics, resume=resume
+            )
+
+    def log_dataset(self, datamodule: Any, data_cfg: DictConfig) -> None:
+        """The run's dataset input (name, digest, source) for the UI's Dataset column."""
+        log_dataset(self.client, self.run_id, datamodule, OmegaConf.to_container(data_cfg))
 
     def log_params(self, params: dict[str, str]) -> None:
         """Params in batches of 100; values longer than MLflow's limit are cut *visibly*
@@ -228,6 +287,7 @@ class TrackedRun:
         resumes = int(self.recorded().data.tags.get("rescalelab.resumes", "0")) + 1
         self.client.update_run(self.run_id, status="RUNNING")
         self.set_tags({"rescalelab.resumes": str(resumes), "rescalelab.status": "running"})
+        self.start_system_metrics(resume=True)
 
     def log_checkpoint(self, path: str | Path) -> None:
         """A checkpoint file as an artifact under ``checkpoints/`` (``logger.log_model=true``)."""
@@ -235,10 +295,15 @@ class TrackedRun:
 
     def end(self, status: str) -> None:
         """Set the final status: ``FINISHED``, ``FAILED`` or ``KILLED``."""
+        if self._monitor is not None:  # its last sample first: the run must still be RUNNING
+            monitor, self._monitor = self._monitor, None
+            monitor.stop()
         self.client.set_terminated(self.run_id, status)
 
     def ui_command(self) -> str:
-        return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+        """What to type to browse this run, and its address: runnable as printed."""
+        return ui_hint(self.tracking_uri, self.client.get_run(self.run_id).info.experiment_id,
+                       self.run_id)  # fmt: skip
 
 
 class ReplicaRun:

@@ -108,7 +108,12 @@ def ensure_experiment(tracking_uri: str, experiment_name: str) -> str:
         # whatever directory the first job happened to start in.
         db = sqlite_path(tracking_uri)
         location = (db.resolve().parent / "mlartifacts").as_uri() if db else None
-        return client.create_experiment(experiment_name, artifact_location=location)
+        # MLflow 3's UI opens an experiment without this tag in its GenAI views (traces,
+        # evaluations); this tag makes it open on the model-training runs table.
+        return client.create_experiment(
+            experiment_name, artifact_location=location,
+            tags={"mlflow.experimentKind": "custom_model_development"},
+        )  # fmt: skip
 
 
 def default_tracking_uri(root: str | os.PathLike[str]) -> str:

@@ -35,12 +35,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
+from rescalelab.analysis.budget import budget_info
+from rescalelab.analysis.summary import finish_sweep, record_start
+from rescalelab.console import quiet_stack
 from rescalelab.errors import ConfigError, exit_bad_input
 from rescalelab.preflight import check_sweep
 from rescalelab.tracking.run import PARENT_FILE, read_parent
-from rescalelab.analysis.budget import budget_info
-from rescalelab.analysis.summary import finish_sweep, record_start
-from rescalelab.tracking.run import PARENT_FILE
 from rescalelab.tracking.store import ensure_experiment
 
 FAILED_FILE = "failed_jobs.txt"  # one line per job that raised, written by the job's process
@@ -63,6 +63,14 @@ def swept_keys(cli_overrides: list[str], sweeper_params: dict[str, Any] | None) 
             continue
         sweeps[override.key_or_group] = override.is_sweep_override()
     return [k for k, is_sweep in sweeps.items() if is_sweep]
+
+
+def parent_name(preset: str | None, overrides: list[str], swept: list[str], when: datetime) -> str:
+    """What differs between sweeps first (the UI cuts long names): the preset, the swept keys
+    (``key=values`` as typed, for those of the command line), then the start time."""
+    typed = {o.lstrip("+~").split("=", 1)[0]: o.lstrip("+~") for o in overrides if "=" in o}
+    keys = " ".join(typed.get(k, k) for k in swept)
+    return " ".join(p for p in (preset or "sweep", keys, f"{when:%Y-%m-%d %H:%M:%S}") if p)
 
 
 def parent_status(multirun_ended: bool, failed_jobs: int, last_exception: object) -> str:
@@ -94,6 +102,7 @@ class MlflowSweepCallback(Callback):
         # The launcher sets this too, later; resolving hydra.sweep.dir (and ${paths.root},
         # which reads hydra:runtime.cwd) needs it now. ${now:} is cached, so the dir is the same.
         HydraConfig.instance().set_config(config)
+        quiet_stack()  # before the store is created: MLflow's "Creating initial tables" lines
         uri = str(OmegaConf.select(config, "logger.tracking_uri"))
         name = str(OmegaConf.select(config, "logger.experiment_name"))
         overrides = list(HydraConfig.get().overrides.task)
@@ -120,7 +129,7 @@ class MlflowSweepCallback(Callback):
         choices = OmegaConf.select(config, "hydra.runtime.choices") or {}
         run = client.create_run(
             experiment_id,
-            run_name=f"{name} sweep {datetime.now():%Y-%m-%d %H:%M:%S}",
+            run_name=parent_name(choices.get("experiment"), overrides, swept, datetime.now()),
             tags={
                 "rescalelab.sweep": "parent",
                 "rescalelab.overrides": " ".join(overrides),
