@@ -205,3 +205,54 @@ def test_cli_whitening_with_every_knob_runs_and_logs_them(root: Path):
     proc = run_cli(root, "method=whitening", "norm.max_scale=0.5")
     assert proc.returncode == 2
     assert "error: norm.max_scale=0.5 is invalid" in proc.stderr
+
+
+def _ddp_min_active(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)  # fmt: skip
+    try:
+        lin, x = _min_active_case()
+        wl = WhitenedLayers(nn.Sequential(lin), {"0": LayerGeometry("0", 1, 6)},
+                            init_batches=1, min_active=0.25)  # fmt: skip
+        wl.arm()
+        lin(x[rank * 8 : (rank + 1) * 8])  # each rank its half of the batch
+        wl.update()
+        torch.save((lin.rescale_mean, lin.rescale_var), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _min_active_case() -> tuple[nn.Linear, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.rand(16, 6, generator=torch.Generator().manual_seed(4)) + 0.1
+    x[:, 0] = 0.0
+    x[0, 0] = x[8, 0] = 1.0  # input 0: active in 1 of each rank's 8 samples (2 of 16 in all)
+    x[:6, 1] = 0.0  # input 1: active in 2 of rank 0's 8 samples but 10 of 16 in all
+    return nn.Linear(6, 2), x
+
+
+@pytest.mark.slow
+def test_min_active_counts_the_global_batch_under_ddp(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "stats")
+    mp.spawn(_ddp_min_active, args=(2, port, out), nprocs=2, join=True)
+    (m0, v0), (m1, v1) = (torch.load(f"{out}.{r}") for r in range(2))
+    assert torch.equal(m0, m1) and torch.equal(v0, v1)
+    lin, x = _min_active_case()  # one process, the global batch
+    wl = WhitenedLayers(nn.Sequential(lin), {"0": LayerGeometry("0", 1, 6)},
+                        init_batches=1, min_active=0.25)  # fmt: skip
+    wl.arm()
+    lin(x)
+    wl.update()
+    torch.testing.assert_close(m0, lin.rescale_mean)
+    torch.testing.assert_close(v0, lin.rescale_var)
+    assert m0[0] == 0.0 and v0[0] == 1.0  # frozen: 2/16 < 0.25
+    assert m0[1] > 0  # 10/16 active in all: updated, though rank 0 alone saw 2/8
