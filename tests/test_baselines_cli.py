@@ -31,6 +31,7 @@ def _finished(root) -> list:
     return runs
 
 
+@pytest.mark.slow  # 16 jobs in one process: ~1 min of CPU time
 def test_every_new_method_trains_on_small_cnn_and_resnet20(root):
     proc = run_cli(
         root, "-m", "model=small_cnn,resnet20", f"method={','.join(METHODS)}",
