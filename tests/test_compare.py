@@ -21,7 +21,7 @@ def test_compare_a_sweep_and_a_run_writes_a_table_a_figure_and_logs_them(tmp_pat
         [sys.executable, "-m", "rescalelab.analysis.compare", str(sweep_dir), lone,
          "--metric", "train/loss", "--out", str(out), "--log-to", parent.info.run_id,
          "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
-        capture_output=True, text=True, timeout=300, env=cli_env(), cwd=tmp_path,
+        capture_output=True, text=True, timeout=900, env=cli_env(), cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((out / "compare.csv").read_text().splitlines()))
@@ -43,6 +43,6 @@ def test_compare_says_which_metric_is_missing(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "rescalelab.analysis.compare", run.info.run_id,
          "--metric", "no/such", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
-        capture_output=True, text=True, timeout=300, env=cli_env(), cwd=tmp_path,
+        capture_output=True, text=True, timeout=900, env=cli_env(), cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2 and "--metric=no/such" in proc.stderr

@@ -75,7 +75,10 @@ def ui_hint(tracking_uri: str, experiment_id: str, run_id: str | None = None) ->
     activated venv), else the full path of the one beside this interpreter. A tracking server
     is browsed directly: only its URL is given.
     """
+    # MLflow 3.17's UI keeps a per-browser GenAI / Model-training switch; this URL parameter
+    # opens the model-training pages whatever the browser last showed.
     page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    page += "?workflowType=machine_learning"
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/{page}"
     beside = Path(sys.executable).parent / "mlflow"

@@ -108,8 +108,8 @@ def ensure_experiment(tracking_uri: str, experiment_name: str) -> str:
         # whatever directory the first job happened to start in.
         db = sqlite_path(tracking_uri)
         location = (db.resolve().parent / "mlartifacts").as_uri() if db else None
-        # MLflow 3's UI opens an experiment without this tag in its GenAI views (traces,
-        # evaluations); this tag makes it open on the model-training runs table.
+        # The experiment type MLflow 3's UI sets itself when a user picks "model training"
+        # (its GenAI/model-training switch is per browser: ui_hint's URL parameter selects it).
         return client.create_experiment(
             experiment_name, artifact_location=location,
             tags={"mlflow.experimentKind": "custom_model_development"},
