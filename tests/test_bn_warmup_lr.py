@@ -41,7 +41,7 @@ def test_after_the_switch_the_optimizer_uses_lr_after_switch(root, schedule, fac
     assert switch == [(STEPS, STEPS)]
     for k, v in lr.items():
         base = 0.1 if k < STEPS else 0.03
-        assert v == pytest.approx(base * factor(k), rel=1e-9), k
+        assert v == pytest.approx(base * factor(k), rel=1e-6), k  # logged as float32
 
 
 def test_without_lr_after_switch_the_stepsize_carries_on(root):
@@ -51,7 +51,8 @@ def test_without_lr_after_switch_the_stepsize_carries_on(root):
     )  # fmt: skip
     assert_ok(proc)
     (run,) = all_runs(root)
-    assert {v for _, v in history(root, run.info.run_id, "train/lr")} == {0.1}
+    lr = [v for _, v in history(root, run.info.run_id, "train/lr")]
+    assert len(lr) == 2 * STEPS and lr == pytest.approx([0.1] * len(lr), rel=1e-6)
 
 
 def test_bad_lr_after_switch_is_one_line_and_exit_2(root):

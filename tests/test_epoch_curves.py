@@ -48,7 +48,7 @@ def test_the_log_interval_is_capped_at_the_epoch_and_the_cli_says_so(root):
 
 def test_max_steps_mid_epoch_still_gives_the_cut_epoch_its_point(root):
     proc = run_cli(
-        root, "trainer.max_epochs=2", "trainer.max_steps=11", "trainer.log_every_n_steps=1"
+        root, "trainer.max_epochs=2", "+trainer.max_steps=11", "trainer.log_every_n_steps=1"
     )
     assert_ok(proc)
     (run,) = all_runs(root)
