@@ -37,7 +37,12 @@ _MLFLOW_INFO_LOGGERS = (
 )  # fmt: skip
 # Raised inside pytorch_lightning/utilities/_pytree.py by torch >= 2.10 on every fit; nothing the
 # user can act on (Lightning's own code calls the deprecated LeafSpec).
-_STACK_WARNINGS = ((r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),)
+# "The number of training batches (7) is smaller than the logging interval": the module caps the
+# interval at the epoch length and says so in its own line (module.cap_log_interval).
+_STACK_WARNINGS = (
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    (r"The number of training batches \(\d+\) is smaller than the logging interval", Warning),
+)
 
 
 def quiet_stack() -> None:

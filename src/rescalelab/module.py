@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -31,7 +32,7 @@ def cap_log_interval(trainer: pl.Trainer) -> None:
         return  # an iterable of unknown length: nothing to cap against
     per_epoch = max(1, batches // max(1, int(trainer.accumulate_grad_batches)))
     if trainer.log_every_n_steps > per_epoch:
-        rank_zero_info(
+        rank_zero_only(logging.getLogger("rescalelab").info)(
             f"trainer.log_every_n_steps={trainer.log_every_n_steps} exceeds the {per_epoch} "
             f"steps of an epoch: logging every {per_epoch} steps"
         )

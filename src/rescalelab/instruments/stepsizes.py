@@ -48,20 +48,15 @@ from rescalelab.models.geometry import rescalable_layers
 ADAPTIVE = ("exp_avg_sq", "square_avg", "sum")  # Adam(W), RMSprop, Adagrad state keys
 
 
-def whitening_eps(plug: Any) -> float | None:
-    """``ε`` of the whitening plug (``norm=whitening`` or ``bn_warmup``); ``None`` without one."""
+def whitening_scales(plug: Any) -> dict[int, Tensor]:
+    """``β² α_i²`` per input of every whitened layer, keyed by ``id(module)``, as the gradient
+    transform applies it (the knobs for α included: ``WhitenedLayers.input_scale``); empty
+    without a whitening plug (``norm=whitening``, or ``bn_warmup`` once switched)."""
     for candidate in (plug, getattr(plug, "whitening", None)):
-        if candidate is not None and getattr(candidate, "name", "") == "whitening":
-            return float(candidate.eps)
-    return None
-
-
-def whitening_scale(layer: nn.Module, eps: float) -> Tensor | None:
-    """``β² α_i² = β²/(Var_i + ε)`` per input of a whitened layer (``None`` if not whitened)."""
-    var, beta2 = getattr(layer, "rescale_var", None), getattr(layer, "rescale_beta2", None)
-    if var is None or beta2 is None:
-        return None
-    return beta2.float() / (var.float() + eps)
+        layers = getattr(candidate, "layers", None) if candidate is not None else None
+        if getattr(candidate, "name", "") == "whitening" and layers is not None:
+            return {id(la.module): layers.input_scale(la).float() for la in layers.layers}
+    return {}
 
 
 def adaptive_factor(
@@ -161,7 +156,7 @@ class StepsizeMonitor(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: bool = True
     ) -> dict[str, float]:
         """The metrics of the module docstring (``epoch=False``: the per-step subset only)."""
-        eps = whitening_eps(getattr(pl_module, "norm", None))
+        scales = whitening_scales(getattr(pl_module, "norm", None))
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         group_of: dict[int, dict[str, Any]] = {}
         if optimizer is not None:
@@ -172,7 +167,7 @@ class StepsizeMonitor(pl.Callback):
         low_total: list[Tensor] = []
         top: list[Tensor] = []
         for name, layer in rescalable_layers(pl_module.model):
-            scale = whitening_scale(layer, eps) if eps is not None else None
+            scale = scales.get(id(layer))
             if scale is not None:
                 low = (layer.rescale_var < self.var_threshold).sum().float()
                 big = scale.max()

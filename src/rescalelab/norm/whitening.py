@@ -392,7 +392,7 @@ class Whitening(NormPlug):
     def __init__(
         self,
         momentum: float = 0.1,
-        interval: int = 2,
+        interval: int = 1,
         eps: float = 1e-5,
         init_batches: int = 8,
         eps_mode: str = "absolute",
