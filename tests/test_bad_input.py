@@ -60,8 +60,7 @@ CASES: list[tuple[list[str], str]] = [
     (["data.batch_size=100000"], "data.batch_size=100000 is invalid: expected <= data.num_train=512"),
     (["data.field_noise=loud"], "data.field_noise='loud' is invalid: expected a number >= 0"),
     # unknown option, unknown keys (overridden, or added with +): Hydra's words, on one line
-    (["norm=groupnorm"], "error: Could not find 'norm/groupnorm'; Available options in 'norm': bn, bn_warmup, none, whitening"),
-    (["norm=foo"], "error: Could not find 'norm/foo'; Available options in 'norm': bn, bn_warmup, none, whitening"),
+    (["norm=foo"], "error: Could not find 'norm/foo'; Available options in 'norm': batch_renorm, bn, bn_warmup, groupnorm, layernorm, none, weightnorm, whitening"),
     (["data.colour=red"], "error: Could not override 'data.colour'; To append to your config use +data.colour=red"),
     (["optim.lrr=0.1"], "error: Could not override 'optim.lrr'; To append to your config use +optim.lrr=0.1; did you mean optim.lr?"),
     (["trainer.precision=16-mixed"], "error: Could not override 'trainer.precision'; To append to your config use +trainer.precision=16-mixed"),

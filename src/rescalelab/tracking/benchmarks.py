@@ -12,6 +12,11 @@ from mlflow import MlflowClient
 from rescalelab.tracking.store import ensure_experiment
 
 
+def _name(text: str) -> str:
+    """``text`` with every character MLflow refuses in a metric or tag name (``+``, ``,``, …) as ``_``."""
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in text)
+
+
 def log_benchmark(tracking_uri: str, report: dict[str, Any]) -> str:
     """Log the machine as params, each median ratio as a metric, the report as JSON; return the run id."""
     client = MlflowClient(tracking_uri)
@@ -24,9 +29,9 @@ def log_benchmark(tracking_uri: str, report: dict[str, Any]) -> str:
     client.log_param(rid, "device", report["device"])
     client.log_param(rid, "quick", report["quick"])
     for row in report["rows"]:
-        key = "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in row["row"])
+        key = _name(row["row"])
         for variant, (_, med, _) in row["ratios"].items():
-            client.log_metric(rid, f"{key}/{variant}_over_{row['base']}", med)
+            client.log_metric(rid, _name(f"{key}/{variant}_over_{row['base']}"), med)
         if row["holds"] is not None:
             client.set_tag(rid, f"target: {key}", "holds" if row["holds"] else "misses")
     with tempfile.TemporaryDirectory() as tmp:
