@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rescalelab.errors import EXIT_DIVERGED
 from tests.helpers import TINY, all_runs, assert_ok, cli_env, client, history, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +154,8 @@ def test_bad_drift_setting_stops_before_any_run(root: Path):
 @pytest.mark.slow
 def test_a_diverged_run_keeps_its_drift_figures_arrays_and_summary(root: Path):
     """The run a researcher most needs to diagnose: written on failure too (on_exception)."""
-    assert_ok(run_cli(root, "callbacks=drift", "norm=bn", "optim.lr=100"))  # a sweep goes on
+    proc = run_cli(root, "callbacks=drift", "norm=bn", "optim.lr=100")
+    assert proc.returncode == EXIT_DIVERGED, proc.stderr[-3000:]  # a single run: exit 1
     (run,) = all_runs(root)
     assert run.info.status == "FAILED" and run.data.tags["rescalelab.status"] == "diverged"
     step = int(run.data.tags["rescalelab.diverged_step"])

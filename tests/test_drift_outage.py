@@ -5,20 +5,26 @@ uninterrupted run. Both are compared with a reference run of the same config and
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.helpers import all_runs, assert_ok, cli_env, history, run_cli
+from tests.helpers import (
+    all_runs,
+    assert_ok,
+    cli_env,
+    free_port,
+    history,
+    run_cli,
+    start_server,
+    stop_server,
+)
 
 # 1024 / 64 = 16 steps per epoch, 2 epochs; mid-epoch checkpoints at 5, 10, 15, 20, ...
 RUN = [
@@ -59,44 +65,6 @@ def all_metric_keys(root: Path, run_id: str) -> set[str]:
 
 
 # -- a tracking server that goes away for the rest of the training -------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(root: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "mlartifacts")],
-        stdout=(root / "server.txt").open("a"), stderr=subprocess.STDOUT, cwd=root,
-        env=cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-        start_new_session=True,  # its own process group: stopped as a whole
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.25)
-        assert proc.poll() is None, (root / "server.txt").read_text()[-3000:]
-    raise AssertionError("the tracking server did not start")
-
-
-def _stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def _wait_for(cond, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not cond() and proc.poll() is None and time.monotonic() < deadline:
@@ -108,9 +76,9 @@ def test_drift_metrics_and_artifacts_outlive_a_tracking_server_outage(
     tmp_path, migrated_db, reference
 ):
     shutil.copy(migrated_db, tmp_path / "mlflow.db")  # the server's store, read back directly
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = _start_server(tmp_path, port)
+    server = start_server(tmp_path, port)
     train = None
     out = tmp_path / "train.txt"
     try:
@@ -132,10 +100,10 @@ def test_drift_metrics_and_artifacts_outlive_a_tracking_server_outage(
             return bool(runs) and bool(history(tmp_path, runs[0].info.run_id, "train/loss"))
 
         _wait_for(first_metrics, train)
-        _stop_server(server)
+        stop_server(server)
         _wait_for(lambda: "`Trainer.fit` stopped" in out.read_text(), train)
         time.sleep(3)
-        server = _start_server(tmp_path, port)
+        server = start_server(tmp_path, port)
         assert train.wait(timeout=600) == 0, out.read_text()[-3000:]
         (run,) = all_runs(tmp_path)
         rid = run.info.run_id
@@ -145,7 +113,7 @@ def test_drift_metrics_and_artifacts_outlive_a_tracking_server_outage(
     finally:
         if train is not None and train.poll() is None:
             train.kill()
-        _stop_server(server)
+        stop_server(server)
     text = out.read_text()
     assert "metrics not delivered" in text  # the outage did meet the run
     assert run.info.status == "FINISHED"

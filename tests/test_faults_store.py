@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,14 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, all_runs, assert_ok, cli_env, client, run_cli, tracking_uri
+from tests.helpers import (
+    TINY,
+    all_runs,
+    assert_ok,
+    cli_env,
+    client,
+    free_port,
+    run_cli,
+    tracking_uri,
+)
 from tests.test_bad_input import DRIVER
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -58,7 +60,7 @@ def test_a_bad_store_is_one_line_before_the_data_is_built(tmp_path, read_only_di
     garbage.write_bytes(bytes(range(256)) * 16)
     folder = tmp_path / "a_folder.db"
     folder.mkdir()
-    port = _free_port()  # bound, then closed: nothing listens there
+    port = free_port()  # bound, then closed: nothing listens there
     cases = [
         ("foo://x", "logger.tracking_uri=foo://x is invalid: MLflow has no tracking store for "
          "the scheme 'foo'; expected one of: "),

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,13 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import all_runs, assert_ok, cli_env, run_cli, tracking_uri
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import all_runs, assert_ok, cli_env, free_port, run_cli, tracking_uri
 
 
 def _get(base: str, endpoint: str, **query: str) -> bytes:
@@ -48,7 +41,7 @@ def _post(base: str, path: str, body: dict) -> dict:
 def test_mlflow_server_shows_the_parent_its_children_and_the_report(root):
     assert_ok(run_cli(root, "-m", "norm=none,bn", "trainer.max_epochs=2"))
     (parent,) = [r for r in all_runs(root) if r.data.tags.get("rescalelab.sweep") == "parent"]
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     mlflow = Path(sys.executable).with_name("mlflow")
     log = open(root / "server.log", "w")  # noqa: SIM115 (closed in finally)

@@ -3,19 +3,15 @@ that goes away for a while during training does not stop it nor lose its metrics
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, all_runs, cli_env, history
+from tests.helpers import TINY, all_runs, cli_env, free_port, history, start_server, stop_server
 
 N_JOBS = 8
 
@@ -53,49 +49,11 @@ def test_parallel_jobs_into_one_fresh_sqlite_store_lose_nothing(tmp_path):
 
 
 # -- a tracking server that goes away and comes back -----------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(root: Path, port: int) -> subprocess.Popen:
-    env = cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "mlartifacts")],
-        stdout=(root / "server.txt").open("a"), stderr=subprocess.STDOUT, env=env, cwd=root,
-        start_new_session=True,  # its own process group: stopped as a whole
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.25)
-        assert proc.poll() is None, (root / "server.txt").read_text()[-3000:]
-    raise AssertionError("the tracking server did not start")
-
-
-def _stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.mark.slow
 def test_training_outlives_a_tracking_server_outage(tmp_path, migrated_db):
     shutil.copy(migrated_db, tmp_path / "mlflow.db")  # the server's store, read back directly
-    port = _free_port()
-    server = _start_server(tmp_path, port)
+    port = free_port()
+    server = start_server(tmp_path, port)
     train = None
     try:
         env = cli_env(
@@ -119,14 +77,14 @@ def test_training_outlives_a_tracking_server_outage(tmp_path, migrated_db):
             if runs and history(tmp_path, runs[0].info.run_id, "train/loss"):
                 break
             time.sleep(0.05)
-        _stop_server(server)
+        stop_server(server)
         time.sleep(3)
-        server = _start_server(tmp_path, port)
+        server = start_server(tmp_path, port)
         assert train.wait(timeout=600) == 0, (tmp_path / "train.txt").read_text()[-3000:]
     finally:
         if train is not None and train.poll() is None:
             train.kill()
-        _stop_server(server)
+        stop_server(server)
     out = (tmp_path / "train.txt").read_text()
     assert "metrics not delivered" in out  # it noticed, and said so
     (run,) = all_runs(tmp_path)

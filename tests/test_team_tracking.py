@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.helpers import assert_ok, cli_env, run_cli
+from tests.helpers import assert_ok, cli_env, free_port, run_cli
 from tests.helpers import client as local_client
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "mlflow_server.sh"
@@ -51,12 +50,6 @@ c.log_text(run_id, f"writer {i}", "notes/writer.txt")
 c.set_terminated(run_id)
 print(run_id)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _postgres_ready() -> str | None:
@@ -94,7 +87,7 @@ def server(request, tmp_path_factory, migrated_db) -> Iterator[Server]:
     else:
         shutil.copy(migrated_db, base / "mlflow.db")
         backend = f"sqlite:///{base / 'mlflow.db'}"
-    artifacts, port = base / "artifacts", _free_port()
+    artifacts, port = base / "artifacts", free_port()
     log = (base / "server.log").open("w")
     proc = subprocess.Popen(
         ["bash", str(SCRIPT), "--backend-store-uri", backend, "--artifacts-destination",
