@@ -64,7 +64,7 @@ def test_the_documented_quick_look_gives_every_child_a_curve(root):
     """README / issue 16: ``-m norm=none,bn,whitening data.num_train=1000 data.num_val=200
     trainer.max_epochs=3`` (7 steps an epoch against log_every_n_steps=50), shrunk to 4 steps."""
     proc = run_cli(
-        root, "-m", "norm=none,bn,whitening", "data.num_train=500", "data.num_val=100",
+        root, "-m", "norm=none,bn,whitening", "data.num_train=512", "data.num_val=100",
         "trainer.max_epochs=3", "trainer.enable_progress_bar=false", tiny=False,
     )  # fmt: skip
     assert_ok(proc)
