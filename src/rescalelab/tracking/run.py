@@ -305,8 +305,15 @@ class TrackedRun:
 
     def ui_command(self) -> str:
         """What to type to browse this run, and its address: runnable as printed."""
-        return ui_hint(self.tracking_uri, self.client.get_run(self.run_id).info.experiment_id,
-                       self.run_id)  # fmt: skip
+        # The experiment's id, not its name, makes the URL: asked of the store once it is over,
+        # so an unreachable store costs the URL line, never the run's outcome.
+        try:
+            experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        except Exception:
+            if self.tracking_uri.startswith(("http://", "https://")):
+                return self.tracking_uri
+            return ui_hint(self.tracking_uri, "0").split("\n")[0]  # the command, not the URL
+        return ui_hint(self.tracking_uri, experiment_id, self.run_id)
 
 
 class ReplicaRun:
