@@ -232,7 +232,7 @@ def test_report_cli_on_demand_by_run_id_and_bad_targets(root, capsys):
     assert "report of 18 runs logged" in ok.stdout
     assert f"sweep parent run {parent}: 18 runs" in ok.stdout
     (line,) = [ln for ln in ok.stdout.splitlines() if "method=a" in ln]
-    assert "optim.lr=0.1" in line and "1.01 [1.005, 1.015] (n=3)" in line and "0/9" in line
+    assert "lr=0.1" in line and "1.01 [1.005, 1.015] (n=3)" in line and "0/9" in line
     assert (
         f"#/experiments/{client(root).get_run(parent).info.experiment_id}/runs/{parent}"
         in ok.stdout

@@ -126,8 +126,8 @@ def summary_table(report: Any, metric: str = "train/loss") -> Table:
         table.add_row(
             name,
             _setting(row),
-            f"{_g(row['best_final'], '.4g')} [{_g(row['best_final_q1'])}, "
-            f"{_g(row['best_final_q3'])}] (n={row['seeds']})",
+            f"{_g(row['best_final'], '.4g')} [{_g(row['best_final_q1'], '.4g')}, "
+            f"{_g(row['best_final_q3'], '.4g')}] (n={row['seeds']})",
             _g(row["best_val_acc"]),
             f"{row['diverged']}/{row['runs']}",
             f"{_g(row['expected_best_k1'])} → {_g(row['expected_best_kK'])} (K={row['K']})",
