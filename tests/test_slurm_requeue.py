@@ -32,7 +32,11 @@ LOCAL = [
 
 
 def _histories(root: Path, run) -> dict[str, list[tuple[int, float]]]:
-    return {k: history(root, run.info.run_id, k) for k in run.data.metrics}
+    return {
+        k: history(root, run.info.run_id, k)
+        for k in run.data.metrics
+        if not k.startswith("system/")  # wall-clock samples of the machine, not of training
+    }
 
 
 def _task_pids(folder: Path) -> list[int]:
