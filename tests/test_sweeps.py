@@ -77,8 +77,12 @@ PRESET_SWEEPS = {
         **SEEDS,
     },
     "paper_imagenet_10pct": {"method": "bn,whitening", "optim.lr": "0.01,0.1,1", **SEEDS},
-    "bn_warmup": {"norm.warmup_epochs": "0,1,2,3", **SEEDS},
-    "norm_compare": {"norm": "none,bn", "optim.lr": "0.02,0.05,0.1", **SEEDS},
+    "bn_warmup": {"norm.warmup_epochs": "0,1,2,3", "norm.lr_after_switch": "0.1,0.3,1.0", **SEEDS},
+    "norm_compare": {
+        "method": "sg,bn,layernorm,groupnorm,weightnorm,batch_renorm,sgd_tuned,adamw,soap,muon",
+        "optim.lr": "0.001,0.003,0.01,0.03,0.1",
+        **SEEDS,
+    },
     "tuning": {
         "method": "sg,sg_fanin,bn,whitening,rmsprop,adam,adagrad",
         "optim.lr": "0.0001,0.0003,0.001,0.003,0.01,0.03,0.1,0.3,1,3,10",
@@ -109,6 +113,10 @@ METHODS = {
     "bn": ("BatchNorm", "SGD", "none"), "whitening": ("Whitening", "SGD", "none"),
     "bn_warmup": ("BnWarmup", "SGD", "none"), "rmsprop": ("NoNorm", "RMSprop", "none"),
     "adam": ("NoNorm", "Adam", "none"), "adagrad": ("NoNorm", "Adagrad", "none"),
+    "sgd_tuned": ("BatchNorm", "SGD", "none"), "adamw": ("BatchNorm", "AdamW", "none"),
+    "layernorm": ("LayerNorm", "SGD", "none"), "groupnorm": ("GroupNorm", "SGD", "none"),
+    "weightnorm": ("WeightNorm", "SGD", "none"), "batch_renorm": ("BatchRenormPlug", "SGD", "none"),
+    "soap": ("NoNorm", "SOAP", "none"), "muon": ("NoNorm", "Muon", "none"),
 }  # fmt: skip
 
 
@@ -169,8 +177,14 @@ def test_gpu_slots_one_gpu_per_worker_process(tmp_path):
 def test_bn_warmup_preset_gives_one_parent_four_children_and_a_report(root):
     # warm-up epochs 0..3 need at least 4 epochs (the switch happens inside training)
     proc = run_cli(
-        root, "-m", "experiment=bn_warmup", "data=synthetic", "trainer.max_epochs=4", "seed=0"
-    )  # seed=0: one seed (the command line wins over the preset's seed sweep)
+        root,
+        "-m",
+        "experiment=bn_warmup",
+        "data=synthetic",
+        "trainer.max_epochs=4",
+        "seed=0",
+        "norm.lr_after_switch=0.1",
+    )  # seed=0, one lr_after_switch: the command line wins over the preset's sweeps
     assert_ok(proc)
     parent = _parent(root, "bn_warmup")
     children = child_runs(root, "bn_warmup")
