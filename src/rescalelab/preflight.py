@@ -176,7 +176,7 @@ def check_sweep(config: DictConfig, task_overrides: list[str], swept: list[str])
     if sweeper != BASIC_SWEEPER:  # the sweeper picks its jobs as it goes: its base config
         check_job(config, list(task_overrides))
         return
-    params = OmegaConf.to_container(params, resolve=False) if params is not None else None
+    params = OmegaConf.to_container(params, resolve=True) if params is not None else None
     checked_stores: set[str] = set()
     for num, overrides in enumerate(job_overrides(task_overrides, params)):
         try:
