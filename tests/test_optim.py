@@ -159,8 +159,8 @@ def test_convex_problem_arguments_are_checked_when_built():
         QuadraticData(num_train=40, batch_size=50)
     with pytest.raises(ConfigError, match="data.lam=0.0 is invalid"):
         LogisticData(lam=0.0)
-    with pytest.raises(ConfigError, match="data.label_noise=-1 is invalid"):
-        QuadraticData(label_noise=-1)
+    with pytest.raises(ConfigError, match="data.noise_std=-1 is invalid"):
+        QuadraticData(noise_std=-1)
 
 
 # -- the CLI: what a run logs ----------------------------------------------------------------------

@@ -41,7 +41,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def quad():
     """Problem A of paper-notes §8 (d=20, n=4000, cond 20, σ=0.5, λ=1e-3), exact spectrum."""
-    dm = QuadraticData(dim=20, num_train=4000, cond=20.0, lam=1e-3, label_noise=0.5)
+    dm = QuadraticData(dim=20, num_train=4000, cond=20.0, lam=1e-3, noise_std=0.5)
     dm.setup()
     return dm.problem
 
@@ -201,11 +201,6 @@ def test_gradient_descent_diverges_at_2_over_L_and_sg_far_below(quad, thresholds
 QUICK = ["model=linear", "callbacks=theory", "trainer.enable_progress_bar=false"]
 
 
-@pytest.mark.xfail(
-    reason="regressed by the issue-20 merge (passes on every other branch): the 600-step gap "
-    "reads 0.77 against < 0.49; under investigation, see the closing note",
-    strict=False,
-)
 def test_theory_callback_logs_gap_gradient_and_theorem_4_6_bound(root):
     proc = run_cli(
         root, "data=quadratic", *QUICK, "data.num_train=600", "data.num_val=200",
@@ -224,6 +219,9 @@ def test_theory_callback_logs_gap_gradient_and_theorem_4_6_bound(root):
             getattr(quad, key, None) or quad.constants()[key]
         )
     assert float(p["data.M_est"]) > 0 and float(p["data.M_G_est"]) > 1
+    # σ of the regression noise, not the image datasets' share of redrawn labels: no target of
+    # this problem is replaced (once, 300 of 600 were, and the gap stalled at 0.77)
+    assert p["data.noise_std"] == "0.5" and "data.num_noisy_labels" not in p
     assert p["theory.theorem"] == "4.6" and p["theory.condition_ok"] == "False"  # 0.02 > μ/(LM_G)
     assert run.data.tags["rescalelab.theory.condition"] == "violated"
     gap, bound = history(root, rid, "theory/gap"), history(root, rid, "theory/bound")

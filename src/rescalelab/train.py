@@ -14,6 +14,7 @@ import contextlib
 import math
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -257,18 +258,33 @@ def _ends_run_on_error(run: Any) -> Iterator[None]:
         raise
 
 
+END_RETRY_SECONDS = 120.0  # how long the final status waits for a store that went away
+RETRY_SECONDS = 2.0
+
+
 def _finish(run: Any, logger: Any, status: str, tags: dict[str, str]) -> None:
-    """Deliver the queued metrics, tag the outcome, set the final status."""
+    """Deliver the queued metrics, tag the outcome, set the final status.
+
+    The status is retried like the metrics (every ``RETRY_SECONDS``, at most
+    ``END_RETRY_SECONDS``): a run that ends while its tracking server restarts must not stay
+    RUNNING. What still fails then is one warning line; the outcome is never a traceback.
+    """
     close = getattr(logger, "close", None)
     if callable(close):
         close()
-    try:
-        if isinstance(run, TrackedRun):
-            run.set_tags(tags)
-        run.end(status)
-    except Exception as e:  # an unreachable store must not turn the outcome into a traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        console.print(f"warning: could not set run {run.run_id} to {status}: {first}")
+    deadline = time.monotonic() + END_RETRY_SECONDS
+    while True:
+        try:
+            if isinstance(run, TrackedRun):
+                run.set_tags(tags)
+            run.end(status)
+            return
+        except Exception as e:  # noqa: BLE001 - any store failure: retry, then say so
+            if time.monotonic() + RETRY_SECONDS > deadline:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                console.print(f"warning: could not set run {run.run_id} to {status}: {first}")
+                return
+            time.sleep(RETRY_SECONDS)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

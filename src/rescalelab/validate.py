@@ -107,7 +107,8 @@ RULES: list[Rule] = [
     Rule("data.dim", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("data.cond", float, lambda v: v >= 1, "a number >= 1"),
     Rule("data.lam", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("data.label_noise", float, lambda v: v >= 0, "a number >= 0"),
+    Rule("data.noise_std", float, lambda v: v >= 0, "a number >= 0"),
+    Rule("data.label_noise", float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     Rule("callbacks.theory.every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("callbacks.train_eval.every_n_epochs", int, lambda v: v >= 1, "an integer >= 1"),
     Rule(

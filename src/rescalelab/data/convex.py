@@ -474,19 +474,20 @@ class ConvexDataModule(TensorDataModule):
 
 
 class QuadraticData(ConvexDataModule):
-    """``data=quadratic``: ridge least squares, y = xᵀw_true + σ ε (``label_noise`` = σ)."""
+    """``data=quadratic``: ridge least squares, y = xᵀw_true + σ ε (``noise_std`` = σ)."""
 
     problem_class = LeastSquaresProblem
 
-    def __init__(self, label_noise: float = 0.5, **kwargs: Any) -> None:
+    def __init__(self, noise_std: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not label_noise >= 0:
-            raise ConfigError(f"data.label_noise={label_noise} is invalid: expected a number >= 0")
-        self.label_noise = float(label_noise)
+        # Not ``label_noise``: on the image datasets that is the share of redrawn labels.
+        if not noise_std >= 0:
+            raise ConfigError(f"data.noise_std={noise_std} is invalid: expected a number >= 0")
+        self.noise_std = float(noise_std)
 
     def labels(self, x: Tensor, w_true: Tensor, g: torch.Generator) -> Tensor:
         eps = torch.randn(len(x), generator=g, dtype=DTYPE)
-        return x @ w_true + self.label_noise * eps
+        return x @ w_true + self.noise_std * eps
 
 
 class LogisticData(ConvexDataModule):
