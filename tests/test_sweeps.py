@@ -83,6 +83,12 @@ PRESET_SWEEPS = {
         "optim.lr": "0.001,0.003,0.01,0.03,0.1",
         **SEEDS,
     },
+    "memorization": {
+        "method": "sg,sg_fanin,bn,whitening,bn_warmup,rmsprop,adam",
+        "optim.lr": "0.01,0.03,0.1,0.3,1",
+        **SEEDS,
+    },
+    "memorization_knobs": {"optim.lr": "0.3,1,3", "norm.max_scale": "null,10,100", **SEEDS},
     "tuning": {
         "method": "sg,sg_fanin,bn,whitening,rmsprop,adam,adagrad",
         "optim.lr": "0.0001,0.0003,0.001,0.003,0.01,0.03,0.1,0.3,1,3,10",
@@ -90,7 +96,10 @@ PRESET_SWEEPS = {
     },
 }
 PRESET_DATA = {"paper_cifar10": "CIFAR10", "paper_imagenet_10pct": "ImageNetSubset",
-               "bn_warmup": "CIFAR10", "tuning": "CIFAR10", "norm_compare": "SyntheticImages"}  # fmt: skip
+               "bn_warmup": "CIFAR10", "tuning": "CIFAR10", "norm_compare": "SyntheticImages",
+               "memorization": "SyntheticImages", "memorization_knobs": "SyntheticImages"}  # fmt: skip
+# The presets that rank by the training cost in eval mode (the lecture's "training cost").
+TRAIN_EVAL_RANKED = {"paper_cifar10", "paper_imagenet_10pct", "memorization", "memorization_knobs"}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_SWEEPS))
@@ -102,6 +111,10 @@ def test_lecture_presets_sweep_their_grid_and_run_on_small_data(preset):
     assert n5.hydra.sweeper.params.seed == "range(0,5)"
     assert cfg.data._target_.endswith(PRESET_DATA[preset])
     assert cfg.logger.experiment_name == preset
+    ranked_by = "train_eval/loss" if preset in TRAIN_EVAL_RANKED else "train/loss"
+    assert cfg.hydra.callbacks.mlflow_sweep.report_metric == ranked_by
+    if preset in TRAIN_EVAL_RANKED:
+        assert "train_eval" in cfg.callbacks and cfg.optimized_metric == "train_eval/loss"
     for data in ("synthetic", "digits"):  # the quick look: every preset on small data
         small = _compose(f"experiment={preset}", f"data={data}")
         validate(small)
