@@ -40,7 +40,7 @@ def _fit(root: Path, overrides: list[str], tag: str) -> dict[str, float]:
 
     from rescalelab.instruments.drift import DriftMonitor
     from rescalelab.tracking import TrackedRun
-    from rescalelab.train import build_components
+    from rescalelab.fit import build_components
 
     class Clock(pl.Callback):
         def on_train_start(self, trainer, pl_module):

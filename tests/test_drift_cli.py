@@ -31,7 +31,7 @@ def _first_step(root: Path) -> dict[str, float]:
     """The step-0 numbers, recomputed in process from the CLI's config: same seed, same batch."""
     from hydra import compose, initialize_config_module
 
-    from rescalelab.train import build_components
+    from rescalelab.fit import build_components
 
     with initialize_config_module("rescalelab.conf", version_base="1.3"):
         cfg = compose(

@@ -244,7 +244,7 @@ def fit_timer(
     from hydra.utils import instantiate
 
     from rescalelab.tracking import TrackedRun
-    from rescalelab.train import build_components
+    from rescalelab.fit import build_components
 
     counter = {"n": 0}
 

@@ -28,9 +28,11 @@ from typing import Any
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from rescalelab.errors import ConfigError
+from rescalelab.validate import check_added_keys, validate
 
 CONFIG_MODULE, CONFIG_NAME = "rescalelab.conf", "train"
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -111,7 +113,26 @@ def check_command_line(argv: list[str]) -> None:
     # as hparams_search=optuna_lr): the primary config is composed without them, as Hydra does.
     overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        compose_or_explain(overrides, hydra_config=True)
+        cfg = compose_or_explain(overrides, hydra_config=True)
+    # A single run's values too: here the answer takes a second; in the job it would come
+    # after the imports of torch, Lightning and MLflow (~7 s). A sweep's jobs are checked
+    # one by one by check_sweep.
+    if not any(a in MULTIRUN_FLAGS for a in argv) and cfg.hydra.mode != RunMode.MULTIRUN:
+        validate(_outside_hydra(cfg))
+
+
+def _outside_hydra(cfg: DictConfig) -> DictConfig:
+    """The job's config without the ``hydra`` node, with the values that only Hydra's running
+    job knows (``${hydra:runtime.output_dir}``) replaced by the text ``<hydra>``."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "hydra"}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return "<hydra>" if isinstance(node, str) and "${hydra:" in node else node
+
+    return OmegaConf.create(strip(OmegaConf.to_container(cfg, resolve=False)))
 
 
 def job_overrides(
@@ -141,7 +162,6 @@ def check_job(cfg: DictConfig, overrides: list[str], stores: set[str] | None = N
     (unless its URI is in ``stores``, the stores already checked; it is added)."""
     from rescalelab.distributed import check_launch
     from rescalelab.tracking.store import check_store
-    from rescalelab.validate import check_added_keys, validate
 
     validate(cfg)
     check_added_keys(cfg, overrides)

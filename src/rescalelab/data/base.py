@@ -113,7 +113,7 @@ class TensorDataModule(pl.LightningDataModule):
         check_label_noise(label_noise, train_eval_size)
         self.label_noise, self.train_eval_size = float(label_noise), train_eval_size
         self.replaced: torch.Tensor | None = None  # training indices whose label was redrawn
-        self.artifacts: dict[str, Path] = {}  # logged under data/ by train.py
+        self.artifacts: dict[str, Path] = {}  # logged under data/ by fit.py
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ConfigError(f"data.batch_size={batch_size} is invalid: expected an integer > 0")
         self.batch_size = batch_size

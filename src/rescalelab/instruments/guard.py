@@ -5,7 +5,7 @@ stops at the first step where f_k is not finite or f_k > ``max_factor`` · f_0. 
 bound says why a stepsize sweep must expect this: SG usually diverges when α is above
 2μ/(L M_G), and a grid over α straddles that threshold on purpose. :class:`DivergenceGuard`
 raises :class:`Diverged` from ``on_train_batch_end`` (before any checkpoint of that step is
-written); ``train.py`` ends the MLflow run FAILED with tags ``rescalelab.status=diverged``,
+written); ``fit.py`` ends the MLflow run FAILED with tags ``rescalelab.status=diverged``,
 ``rescalelab.diverged_step`` and ``rescalelab.diverged_loss``, and the job returns +inf so
 that the rest of a sweep goes on and a minimizing sweeper ranks it last. f_0 is saved in the
 checkpoint, so a resumed run compares with the same f_0.

@@ -123,7 +123,7 @@ class MlflowTracking:
         system_metrics: float | None = 10.0,
     ) -> None:  # fmt: skip
         self.tracking_uri, self.experiment_name = tracking_uri, experiment_name
-        self.log_model = log_model  # log the final checkpoints as artifacts (train.py)
+        self.log_model = log_model  # log the final checkpoints as artifacts (fit.py)
         self.system_metrics = system_metrics  # seconds between samples; null: none
 
     def start(self, cfg: DictConfig, **kwargs: Any) -> TrackedRun | ReplicaRun:
