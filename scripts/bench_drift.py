@@ -38,9 +38,9 @@ def _fit(root: Path, overrides: list[str], tag: str) -> dict[str, float]:
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
+    from rescalelab.fit import build_components
     from rescalelab.instruments.drift import DriftMonitor
     from rescalelab.tracking import TrackedRun
-    from rescalelab.fit import build_components
 
     class Clock(pl.Callback):
         def on_train_start(self, trainer, pl_module):

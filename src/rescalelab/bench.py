@@ -243,8 +243,8 @@ def fit_timer(
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    from rescalelab.tracking import TrackedRun
     from rescalelab.fit import build_components
+    from rescalelab.tracking import TrackedRun
 
     counter = {"n": 0}
 
