@@ -10,4 +10,6 @@ if [[ "${RESCALELAB_TEST_POSTGRES:-1}" != 0 && -z "${RESCALELAB_TEST_POSTGRES_UR
   eval "$(bash scripts/test_postgres.sh start)"
   trap 'bash scripts/test_postgres.sh stop' EXIT
 fi
-.venv/bin/python -m pytest "$@"
+# Two workers (one per core; every CLI run the tests start is one thread), one test file per
+# worker at a time (module fixtures are built once); the slowest tests are listed at the end.
+.venv/bin/python -m pytest -n 2 --dist loadfile --durations=30 "$@"
