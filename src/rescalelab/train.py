@@ -38,6 +38,7 @@ from rescalelab.models.geometry import layer_geometry, rescalable_layers
 from rescalelab.module import Classifier
 from rescalelab.optim import build_optimizer, build_scheduler
 from rescalelab.preflight import check_command_line
+from rescalelab.resolvers import composing
 from rescalelab.resume import check_unchanged, plan_resume, write_run_files
 from rescalelab.tracking import TrackedRun, flatten, read_parent
 from rescalelab.tracking.resilient import PendingMetrics
@@ -310,11 +311,12 @@ def app(cfg: DictConfig) -> float | None:
 def main() -> None:
     """``rescalelab-train``: the command line is composed once first, so that a config Hydra
     cannot compose is one line and exit 2 (preflight.py), then Hydra runs the app."""
-    try:
-        check_command_line(sys.argv[1:])
-    except ConfigError as e:
-        exit_bad_input(e)
-    app()
+    with composing():  # the resolvers, registered here rather than on import
+        try:
+            check_command_line(sys.argv[1:])
+        except ConfigError as e:
+            exit_bad_input(e)
+        app()
 
 
 if __name__ == "__main__":

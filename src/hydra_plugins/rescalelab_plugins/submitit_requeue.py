@@ -29,6 +29,15 @@ def with_resume(overrides: list[str]) -> list[str]:
 
 
 class _Requeueing:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The job, in the process submitit started: it composes and resolves the job's config
+        there, so the ``rescalelab.*`` resolvers are registered first (no import registers
+        them)."""
+        from rescalelab.resolvers import composing
+
+        with composing():
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
     def checkpoint(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> Any:
         """What submitit requeues: this job again, resuming its run."""
         import submitit
