@@ -200,6 +200,9 @@ def build_trainer(
 ) -> pl.Trainer:
     """``pl.Trainer(**kwargs)`` plus two switches Lightning does not have.
 
+    The one factory every ``conf/trainer/*.yaml`` targets (``trainer=cpu`` too), so every
+    trainer option builds the same kind of object.
+
     ``channels_last``: convert the model's 4-D weights to NHWC (:class:`ChannelsLast`); cuDNN then
     keeps every conv activation NHWC, which tensor cores prefer under bf16/fp16.
     ``sync_norm`` (``${norm.sync}``): under DDP, every BatchNorm uses the statistics of the
