@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from tests.helpers import cli_env, run_cli
+from tests.helpers import cli_env
 
 _WALK = """
 import importlib, pkgutil, sys
@@ -96,14 +96,25 @@ TORCHRUN_RANK_1 = {
 }  # fmt: skip
 
 
-def test_the_cli_registers_the_resolvers_its_configs_use(root):
+def _show_output_subdir(tmp_path, *overrides: str, env: dict | None = None) -> str:
+    """``python -m rescalelab.train <overrides> --cfg hydra --resolve``: its hydra.output_subdir."""
+    flags = ["--cfg", "all", "--resolve"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rescalelab.train", *overrides, f"paths.root={tmp_path}", *flags],
+        capture_output=True, text=True, timeout=300, env=env or cli_env(), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ConfigStore schema" not in proc.stdout + proc.stderr  # the notice stays silenced
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("  output_subdir:")]
+    return line.split(":", 1)[1].strip()
+
+
+def test_the_cli_registers_the_resolvers_its_configs_use(tmp_path):
     """``trainer=ddp_cpu``'s ``hydra.output_subdir: ${rescalelab.on_rank_zero:.hydra}`` resolves
-    in the CLI: ``.hydra`` on rank 0, ``null`` on a torchrun rank 1; and the SLURM launcher's
-    ``${rescalelab.gpus_per_node:...}`` resolves too."""
-    show = ("trainer=ddp_cpu", "--cfg", "hydra", "--resolve", "--package", "hydra.output_subdir")
-    rank0 = run_cli(root, *show, tiny=False, timeout=300)
-    assert rank0.returncode == 0, rank0.stderr[-2000:]
-    assert rank0.stdout.strip().splitlines()[-1] == ".hydra"
-    rank1 = run_cli(root, *show, tiny=False, timeout=300, env=cli_env(**TORCHRUN_RANK_1))
-    assert rank1.returncode == 0, rank1.stderr[-2000:]
-    assert rank1.stdout.strip().splitlines()[-1] in ("null", "None", "")
+    in the CLI: ``.hydra`` on rank 0, ``null`` on a torchrun rank 1; and the CLI composes
+    ``hydra/launcher=submitit_slurm`` without Hydra's schema-matching notice."""
+    assert _show_output_subdir(tmp_path, "hydra/launcher=submitit_slurm", "trainer=ddp_cpu") == (
+        ".hydra"
+    )
+    rank1 = cli_env(**TORCHRUN_RANK_1)
+    assert _show_output_subdir(tmp_path, "trainer=ddp_cpu", env=rank1) == "null"
