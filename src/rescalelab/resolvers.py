@@ -2,11 +2,12 @@
 
 ``${rescalelab.on_rank_zero:x}`` (``trainer=ddp*``'s ``hydra.output_subdir``) and
 ``${rescalelab.gpus_per_node:accelerator,devices}`` (``hydra/launcher=submitit_slurm``) must
-exist in every process that resolves them: the CLI (:func:`rescalelab.train.main`), the
-process of each submitit job (its launcher calls :func:`register_resolvers` first, see
-``hydra_plugins/rescalelab_plugins/submitit_requeue.py``), and any notebook, script or test that
-composes ``rescalelab.conf`` (``tests/conftest.py`` registers them for the tests). Importing a
-rescalelab module changes no global state (``tests/test_import_state.py``).
+exist in every process that resolves them. The CLI registers them (:func:`rescalelab.train.main`)
+before Hydra composes; the processes of joblib and submitit jobs receive them from there, since
+Hydra's singleton state, which those launchers pickle to each job, holds OmegaConf's resolvers
+(by reference: the functions here). Any notebook, script or test that composes
+``rescalelab.conf`` calls :func:`register_resolvers` first (``tests/conftest.py`` does for the
+tests). Importing a rescalelab module changes no global state (``tests/test_import_state.py``).
 """
 
 from __future__ import annotations

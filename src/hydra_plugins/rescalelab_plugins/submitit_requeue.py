@@ -30,9 +30,12 @@ def with_resume(overrides: list[str]) -> list[str]:
 
 class _Requeueing:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """The job, in the process submitit started: it composes and resolves the job's config
-        there, so the ``rescalelab.*`` resolvers are registered first (no import registers
-        them)."""
+        """The job, in the process submitit started, which composes the job's config again.
+
+        Hydra's singleton state (``singleton_state``) already carries the parent's OmegaConf
+        resolvers, ``rescalelab.*`` included; :func:`~rescalelab.resolvers.composing` also
+        silences the ``submitit_slurm`` schema notice of that composition.
+        """
         from rescalelab.resolvers import composing
 
         with composing():
