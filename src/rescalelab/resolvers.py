@@ -45,8 +45,10 @@ RESOLVERS = {
 def register_resolvers() -> None:
     """Register the ``rescalelab.*`` resolvers with OmegaConf; calling it again does nothing.
 
-    Call it before Hydra composes ``rescalelab.conf``: a Hydra ``Callback`` is too late (Hydra
-    resolves ``hydra.output_subdir`` in ``run_job`` before ``on_job_start``).
+    Call it before Hydra composes ``rescalelab.conf``. A Hydra ``Callback`` would be too late:
+    it is built from the composed config, after the preflight composition and ``--cfg all
+    --resolve`` have resolved it, and ``run_job`` resolves ``hydra.output_subdir`` before
+    ``on_job_start``.
     """
     for name, fn in RESOLVERS.items():
         if not OmegaConf.has_resolver(name):
