@@ -40,6 +40,7 @@ def _fit(root: Path, overrides: list[str], tag: str) -> dict[str, float]:
 
     from rescalelab.fit import build_components
     from rescalelab.instruments.drift import DriftMonitor
+    from rescalelab.resolvers import register_resolvers
     from rescalelab.tracking import TrackedRun
 
     class Clock(pl.Callback):
@@ -58,6 +59,7 @@ def _fit(root: Path, overrides: list[str], tag: str) -> dict[str, float]:
             self.steps = trainer.global_step
 
     out = root / f"{tag}-{time.monotonic_ns()}"
+    register_resolvers()
     with initialize_config_module("rescalelab.conf", version_base="1.3"):
         cfg = compose(
             "train",

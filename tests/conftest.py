@@ -33,3 +33,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _resolvers():
+    """Tests compose rescalelab.conf in-process, as the CLI does after registering these."""
+    from rescalelab.resolvers import register_resolvers
+
+    register_resolvers()

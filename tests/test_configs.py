@@ -73,7 +73,15 @@ def test_every_group_option_composes_and_instantiates(group, option):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         assert build_scheduler(node, opt)["interval"] in ("step", "epoch")
     elif group == "trainer":
-        assert instantiate(node, logger=False) is not None
+        import pytorch_lightning as pl
+
+        assert isinstance(instantiate(node, logger=False), pl.Trainer)
+
+
+def test_every_trainer_option_is_built_by_the_one_factory():
+    """A reader of conf/trainer/<option>.yaml knows what comes out: build_trainer's pl.Trainer."""
+    targets = {o: _compose(f"trainer={o}").trainer._target_ for o in options("trainer")}
+    assert set(targets.values()) == {"rescalelab.distributed.build_trainer"}, targets
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))

@@ -284,7 +284,8 @@ TORCHRUN_RANK_1 = {
 
 
 def test_a_torchrun_rank_other_than_zero_never_touches_the_store(monkeypatch, tmp_path):
-    from rescalelab.distributed import _on_rank_zero, ddp_strategy, launch_rank, launched_externally
+    from rescalelab.distributed import ddp_strategy, launch_rank, launched_externally
+    from rescalelab.resolvers import on_rank_zero
     from rescalelab.tracking import MlflowTracking
     from rescalelab.tracking.run import ReplicaRun
 
@@ -295,7 +296,7 @@ def test_a_torchrun_rank_other_than_zero_never_touches_the_store(monkeypatch, tm
     for k, v in TORCHRUN_RANK_1.items():
         monkeypatch.setenv(k, v)
     assert launched_externally() and launch_rank() == 1
-    assert _on_rank_zero(".hydra") is None  # hydra.output_subdir: rank 1 writes no .hydra/
+    assert on_rank_zero(".hydra") is None  # hydra.output_subdir: rank 1 writes no .hydra/
     db = tmp_path / "mlflow.db"
     run = MlflowTracking(f"sqlite:///{db}", "rescalelab").start(
         _compose("trainer=ddp_cpu"), overrides=[], output_dir=str(tmp_path)
@@ -307,7 +308,7 @@ def test_a_torchrun_rank_other_than_zero_never_touches_the_store(monkeypatch, tm
     strategy = ddp_strategy()
     assert strategy._start_method == "popen"  # the launcher sees external ranks: no re-exec
     monkeypatch.setenv("RANK", "0")
-    assert launch_rank() == 0 and _on_rank_zero(".hydra") == ".hydra"
+    assert launch_rank() == 0 and on_rank_zero(".hydra") == ".hydra"
 
 
 # -- synchronized BatchNorm ---------------------------------------------------------------------

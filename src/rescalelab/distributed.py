@@ -23,9 +23,6 @@ so a W-rank job computes the same function (and gradients) as one process on the
 from __future__ import annotations
 
 import os
-import threading
-import warnings
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +45,6 @@ from torch.distributed.nn.functional import all_reduce
 
 from rescalelab.errors import ConfigError
 from rescalelab.validate import check_global_batch
-
-# -- spawned ranks ------------------------------------------------------------------------------
-
-# A spawned rank receives the trainer (callbacks, logger, module, data) by pickle. Thread locks
-# cannot cross a process boundary; the rank gets fresh, unlocked ones (a logger's delivery
-# queue, for instance, is then the rank's own).
-ForkingPickler.register(type(threading.Lock()), lambda _: (threading.Lock, ()))
-ForkingPickler.register(type(threading.RLock()), lambda _: (threading.RLock, ()))
-
 
 # -- who started this process ------------------------------------------------------------------
 
@@ -82,28 +70,6 @@ def launch_rank() -> int:
     if not launched_externally():
         return 0
     return int(cluster_environment().global_rank())
-
-
-def _on_rank_zero(value: Any) -> Any:
-    """OmegaConf resolver ``${rescalelab.on_rank_zero:x}``: ``x`` on launch rank 0, else ``None``."""
-    return value if launch_rank() == 0 else None
-
-
-def _gpus_per_node(accelerator: str, devices: Any) -> int | None:
-    """Resolver ``${rescalelab.gpus_per_node:accelerator,devices}`` for SLURM allocations."""
-    return devices if accelerator in ("gpu", "cuda") else None
-
-
-for _name, _fn in [
-    ("rescalelab.on_rank_zero", _on_rank_zero),
-    ("rescalelab.gpus_per_node", _gpus_per_node),
-]:
-    if not OmegaConf.has_resolver(_name):
-        OmegaConf.register_new_resolver(_name, _fn)
-
-# conf/hydra/launcher/submitit_slurm.yaml shares its name with the plugin's schema, which Hydra
-# 1.3 still merges (complete on its own, the file also works where it no longer does).
-warnings.filterwarnings("ignore", message=r"\n?'hydra/launcher/submitit_slurm' is validated")
 
 
 # -- checks before any run exists ---------------------------------------------------------------
@@ -233,6 +199,9 @@ def build_trainer(
     *, channels_last: bool = False, sync_norm: bool = False, **kwargs: Any
 ) -> pl.Trainer:
     """``pl.Trainer(**kwargs)`` plus two switches Lightning does not have.
+
+    The one factory every ``conf/trainer/*.yaml`` targets (``trainer=cpu`` too), so every
+    trainer option builds the same kind of object.
 
     ``channels_last``: convert the model's 4-D weights to NHWC (:class:`ChannelsLast`); cuDNN then
     keeps every conv activation NHWC, which tensor cores prefer under bf16/fp16.

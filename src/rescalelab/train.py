@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rescalelab.errors import EXIT_DIVERGED, ConfigError, exit_bad_input
 from rescalelab.preflight import check_command_line
+from rescalelab.resolvers import composing
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -49,11 +50,12 @@ def app(cfg: DictConfig) -> float | None:
 def main() -> None:
     """``rescalelab-train``: the command line is composed once first, so that a config Hydra
     cannot compose is one line and exit 2 (preflight.py), then Hydra runs the app."""
-    try:
-        check_command_line(sys.argv[1:])
-    except ConfigError as e:
-        exit_bad_input(e)
-    app()
+    with composing():  # the resolvers, registered here rather than on import
+        try:
+            check_command_line(sys.argv[1:])
+        except ConfigError as e:
+            exit_bad_input(e)
+        app()
 
 
 if __name__ == "__main__":

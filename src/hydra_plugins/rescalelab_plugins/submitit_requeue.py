@@ -29,6 +29,18 @@ def with_resume(overrides: list[str]) -> list[str]:
 
 
 class _Requeueing:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The job, in the process submitit started, which composes the job's config again.
+
+        Hydra's singleton state (``singleton_state``) already carries the parent's OmegaConf
+        resolvers, ``rescalelab.*`` included; :func:`~rescalelab.resolvers.composing` also
+        silences the ``submitit_slurm`` schema notice of that composition.
+        """
+        from rescalelab.resolvers import composing
+
+        with composing():
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
     def checkpoint(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> Any:
         """What submitit requeues: this job again, resuming its run."""
         import submitit

@@ -822,6 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from hydra.utils import instantiate
 
+    from rescalelab.resolvers import composing
     from rescalelab.validate import validate
 
     args = sys.argv[1:] if argv is None else argv
@@ -831,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     cwd = os.getcwd()  # paths.* as the trainer would set them (nothing is written there)
     overrides = ["data=imagenet_subset", f"paths.root={cwd}", f"paths.output_dir={cwd}", *args]
     try:
-        with initialize_config_module("rescalelab.conf", version_base="1.3"):
+        with composing(), initialize_config_module("rescalelab.conf", version_base="1.3"):
             cfg = compose("train", overrides=overrides)
         validate(cfg)
         dm: ImageNetSubset = instantiate(cfg.data)

@@ -116,7 +116,11 @@ def read_parent(sweep_dir: str | Path) -> dict[str, Any] | None:
 
 
 class MlflowTracking:
-    """``logger=mlflow``: where runs go. ``start`` creates one job's run (see :class:`TrackedRun`)."""
+    """``logger=mlflow``: where runs go; a factory of runs, not a Lightning logger.
+
+    ``start`` creates one job's run (:class:`TrackedRun`; :class:`ReplicaRun` on ranks > 0),
+    ``reopen`` continues one; the run's ``logger()`` is the Lightning logger the Trainer gets.
+    """
 
     def __init__(
         self, tracking_uri: str, experiment_name: str = "rescalelab", log_model: bool = False,
