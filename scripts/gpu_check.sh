@@ -6,7 +6,8 @@
 #   train_gpu  a 2-epoch CLI run, trainer=gpu, data=synthetic (CIFAR-shaped)
 #   train_ddp  the same with trainer=ddp trainer.devices=1
 #   framework  rescalelab-bench --rows framework on cuda (framework vs bare loop, MLflow cost)
-# About 3-4 minutes on an H200 (each step is cut at RESCALELAB_GPU_CHECK_STEP_TIMEOUT s, 200).
+# About 3-4 minutes on an H200 (each step is cut at RESCALELAB_GPU_CHECK_STEP_TIMEOUT s: 200 on
+# the GPU, 600 in the dry run, where a loaded CPU runs a 2-process CLI start in minutes).
 #
 #   scripts/gpu_check.sh             # on the GPU machine
 #   scripts/gpu_check.sh --dry-run   # the same steps on the CPU at --quick sizes, trainer=cpu and
@@ -18,11 +19,11 @@ dry=${RESCALELAB_GPU_CHECK_DRY_RUN:-0}
 [[ "${1:-}" == "--dry-run" ]] && dry=1
 py=${PYTHON:-python}
 steps=${RESCALELAB_GPU_CHECK_STEPS:-norm train_gpu train_ddp framework}
-limit=${RESCALELAB_GPU_CHECK_STEP_TIMEOUT:-200}
 read -r -a extra <<< "${RESCALELAB_GPU_CHECK_TRAIN_ARGS:-}"
 work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
+limit=${RESCALELAB_GPU_CHECK_STEP_TIMEOUT:-$([[ "$dry" == 1 ]] && echo 600 || echo 200)}
 if [[ "$dry" == 1 ]]; then
   device=cpu; quick=(--quick); gpu=trainer=cpu; ddp=(trainer=ddp_cpu trainer.devices=1)
   sizes=(data.num_train=512 data.num_val=128 data.batch_size=64)
