@@ -7,9 +7,11 @@ interquartile range. Ratios measured this way are stable on noisy machines where
 are not. Rows:
 
 1. ``framework``: a full rescalelab fit (Lightning loop, progress bar, MLflow logger, default
-   callbacks) versus a bare PyTorch loop, same model, data tensors, batch, optimizer and steps.
-2. ``norm/<model>``: one training step (forward, backward, optimizer step) with norm none, bn,
-   whitening (default statistics interval) and whitening updated every step.
+   callbacks) versus a bare PyTorch loop, same model, data tensors, batch, optimizer and steps;
+   and Lightning alone (a stripped ``Trainer.fit`` of the same work): Lightning's own floor.
+2. ``norm (<model>, ...)``: one training step (forward, backward, optimizer step) with norm
+   none, bn and whitening at its default (statistics every step): small_cnn and resnet20 at
+   batch 128, 32 px, AlexNet at batch 32, 64 and 224 px; on CUDA each in fp32 and bf16.
 3. ``drift``: a fit with the drift callback at its default schedule versus without.
    ``stepsizes``: a whitening fit with the effective-stepsize callback versus without.
 4. ``logging``: a fit with the MLflow logger versus ``logger=False``.
@@ -36,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
@@ -124,6 +127,14 @@ def _norm_plug(name: str, **kw: Any):
     return Whitening(**kw)
 
 
+def _model(name: str, shape: tuple[int, int, int], plug: Any) -> torch.nn.Module:
+    from rescalelab.models import AlexNet, ResNet20, SmallCNN
+
+    return {"alexnet": AlexNet, "resnet20": ResNet20, "small_cnn": SmallCNN}[name](
+        shape, 10, norm=plug
+    )
+
+
 def step_timer(
     model_name: str,
     norm_name: str,
@@ -131,25 +142,25 @@ def step_timer(
     steps: int,
     device: str,
     image: int = 32,
+    bf16: bool = False,
     **norm_kw: Any,
 ) -> Callable[[], float]:
-    """A function timing ``steps`` training steps (seconds per step) of one configuration."""
-    from rescalelab.models import SmallCNN, layer_geometry
+    """A function timing ``steps`` training steps (seconds per step) of one configuration.
+
+    ``bf16``: forward and loss under ``torch.autocast(bfloat16)`` (weights, gradients and the
+    whitening statistics stay float32), as ``trainer.precision=bf16-mixed`` runs them.
+    """
+    from rescalelab.models import layer_geometry
 
     shape = (3, image, image)
     plug = _norm_plug(norm_name, **norm_kw)
-    if model_name == "alexnet":
-        from rescalelab.models.alexnet import AlexNet
-
-        model = AlexNet(shape, 10, norm=plug)
-    else:
-        model = SmallCNN(shape, 10, norm=plug)
-    model.to(device)
+    model = _model(model_name, shape, plug).to(device)
     layer_geometry(model, shape)
     plug.prepare(model, shape)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = _synthetic(batch * 4, shape, 10, device)
     state = {"k": 0}
+    kind = device.split(":")[0]
 
     def run() -> float:
         _sync(device)
@@ -158,7 +169,8 @@ def step_timer(
             i = state["k"] % 4
             xb, yb = x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
             plug.on_train_batch_start(model, xb, state["k"])
-            loss = F.cross_entropy(model(xb), yb)
+            with torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             plug.before_optimizer_step(model)
@@ -210,23 +222,70 @@ def bare_loop_timer(
     return run
 
 
-class _FitClock:
+class _Batches:
+    """Batches of ``(x, y)`` gathered in a fresh random order each epoch (as the bare loop)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> None:
+        self.x, self.y, self.batch = x, y, batch
+        self.g = torch.Generator().manual_seed(0)
+
+    def __len__(self) -> int:
+        return len(self.x) // self.batch
+
+    def __iter__(self):
+        order = torch.randperm(len(self.x), generator=self.g).to(self.x.device)
+        for k in range(len(self)):
+            idx = order[k * self.batch : (k + 1) * self.batch]
+            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+
+class _Plain(pl.LightningModule):
+    """The bare loop's model and optimizer as a LightningModule with nothing else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from rescalelab.models import SmallCNN
+
+        self.model = SmallCNN((3, 32, 32), 10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def lightning_timer(batch: int, steps: int, device: str) -> Callable[[], float]:
+    """Lightning alone: ``Trainer.fit`` of the bare loop's work, stripped as Lightning's own
+    parity benchmark strips it (no logger, progress bar, checkpointing or model summary)."""
+    x, y = _synthetic(batch * steps, (3, 32, 32), 10, device)
+    batches = _Batches(x, y, batch)
+
+    def run() -> float:
+        clock = _FitClock()
+        trainer = pl.Trainer(
+            accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, max_epochs=1,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, callbacks=[clock],
+        )  # fmt: skip
+        trainer.fit(_Plain(), train_dataloaders=batches)
+        return clock.seconds / max(clock.steps, 1)
+
+    return run
+
+
+class _FitClock(pl.Callback):
     """Lightning callback measuring wall time from the first to the last training batch."""
 
-    def __new__(cls):
-        import pytorch_lightning as pl
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _sync(str(pl_module.device))
+        self.t0 = time.perf_counter()
 
-        class Clock(pl.Callback):
-            def on_train_start(self, trainer, pl_module):
-                _sync(str(pl_module.device))
-                self.t0 = time.perf_counter()
-
-            def on_train_end(self, trainer, pl_module):
-                _sync(str(pl_module.device))
-                self.seconds = time.perf_counter() - self.t0
-                self.steps = trainer.global_step
-
-        return Clock()
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _sync(str(pl_module.device))
+        self.seconds = time.perf_counter() - self.t0
+        self.steps = trainer.global_step
 
 
 def fit_timer(
@@ -297,6 +356,7 @@ def row_framework(root: Path, device: str, quick: bool) -> list[Comparison]:
     samples = interleave(
         {
             "bare": bare_loop_timer(batch, steps, device),
+            "lightning": lightning_timer(batch, steps, device),
             "rescalelab": fit_timer(root, trainer, steps, batch),
         },
         rounds,
@@ -306,6 +366,10 @@ def row_framework(root: Path, device: str, quick: bool) -> list[Comparison]:
     q25, med, q75 = c.ratios["bare"]
     c.target, c.holds = "steps/s rescalelab / bare >= 0.90", med >= 0.90
     c.notes.append(f"steps/s ratio rescalelab/bare = {med:.3f} [{q25:.3f}, {q75:.3f}]")
+    floor = _quartiles([b / a for a, b in zip(samples["lightning"], samples["bare"])])
+    c.notes.append(
+        f"steps/s ratio lightning alone/bare = {floor[1]:.3f} [{floor[0]:.3f}, {floor[2]:.3f}]"
+    )
     rows = [c]
     samples = interleave(
         {
@@ -320,25 +384,54 @@ def row_framework(root: Path, device: str, quick: bool) -> list[Comparison]:
     return rows
 
 
-def row_norm(device: str, quick: bool, model: str = "small_cnn") -> Comparison:
-    # Samples of ~0.3 s for small_cnn (shorter ones let the machine's noise into the ratios);
-    # AlexNet's 0.2 s steps are long enough alone.
-    steps, rounds = (5, 3) if quick else ((40, 15) if model == "small_cnn" else (10, 9))
-    batch, image = (128, 32) if model == "small_cnn" else (32, 64)
+# (model, batch, image px) of the norm rows; whitening at its default, statistics every step.
+NORM_SHAPES = (("small_cnn", 128, 32), ("resnet20", 128, 32), ("alexnet", 32, 64),
+               ("alexnet", 32, 224))  # fmt: skip
+# whitening/none and whitening/bn targets (issue 17): AlexNet at 64 px, where BN's feature maps
+# are tiny (15, 7, 3, 1 px) and the 58 M fully-connected weights dominate, gets whitening/bn <= 1.
+NORM_TARGETS = {("alexnet", 64): (1.05, 1.0)}
+
+
+def row_norm(
+    device: str, quick: bool, model: str = "small_cnn", batch: int = 128, image: int = 32,
+    bf16: bool = False,
+) -> Comparison:  # fmt: skip
+    """One training step with norm none, bn and whitening (its default: statistics every step)."""
+    if quick:
+        steps, rounds = 2, 2
+    elif model == "small_cnn":
+        steps, rounds = 40, 15  # samples of ~0.3 s: shorter ones let the machine's noise in
+    elif image >= 224:
+        steps, rounds = (10, 9) if device.startswith("cuda") else (1, 5)
+    else:
+        steps, rounds = (40, 9) if device.startswith("cuda") else (3, 9)
     fns = {
-        name: step_timer(model, name, batch, steps, device, image=image)
+        name: step_timer(model, name, batch, steps, device, image=image, bf16=bf16)
         for name in ("none", "bn", "whitening")
     }
-    fns["whitening_every_step"] = step_timer(
-        model, "whitening", batch, steps, device, image=image, interval=1
-    )
     samples = interleave(fns, rounds)
-    c = compare(f"norm step time ({model}, batch {batch}, {image}px)", samples, base="bn")
-    wn = _quartiles([a / b for a, b in zip(samples["whitening"], samples["none"])])
-    c.target = "whitening/bn <= 0.85 and whitening/none <= 1.10"
-    c.holds = c.ratios["whitening"][1] <= 0.85 and wn[1] <= 1.10
-    c.notes.append(f"whitening/none = {wn[1]:.3f} [{wn[0]:.3f}, {wn[2]:.3f}]")
+    precision = "bf16" if bf16 else "fp32"
+    c = compare(
+        f"norm ({model}, batch {batch}, {image}px, {device} {precision})", samples, base="none"
+    )
+    wb = _quartiles([a / b for a, b in zip(samples["whitening"], samples["bn"])])
+    to_none, to_bn = NORM_TARGETS.get((model, image), (1.05, 0.80))
+    c.target = f"whitening/none <= {to_none:.2f} and whitening/bn <= {to_bn:.2f}"
+    c.holds = c.ratios["whitening"][1] <= to_none and wb[1] <= to_bn
+    c.notes.append(f"whitening/bn = {wb[1]:.3f} [{wb[0]:.3f}, {wb[2]:.3f}]")
     return c
+
+
+def norm_rows(device: str, quick: bool) -> list[Comparison]:
+    """The norm rows (``--quick``: small_cnn only, a few steps); on CUDA each in fp32 and in
+    bf16 autocast."""
+    shapes = NORM_SHAPES[:1] if quick else NORM_SHAPES
+    precisions = (False, True) if device.startswith("cuda") else (False,)
+    return [
+        row_norm(device, quick, model, batch, image, bf16)
+        for model, batch, image in shapes
+        for bf16 in precisions
+    ]
 
 
 def baseline_timer(
@@ -498,21 +591,13 @@ def row_gpu_variants(device: str, quick: bool) -> Comparison:
     return compare(row, interleave(fns, rounds, warmup=2), "fp32")
 
 
-def _data_rows(device: str, quick: bool) -> list[Comparison] | None:
-    """Row 5 from ``scripts/bench_data.py`` (a repository script: it writes its own fixtures)."""
-    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_data.py"
-    if not script.exists():  # an installed wheel without the repository's scripts/
-        return None
-    import importlib.util
-    import sys
+def _data_rows(device: str, quick: bool) -> list[Comparison]:
+    """Row 5 from :mod:`rescalelab.bench_data` (it writes its own fixtures to a temporary folder)."""
+    from rescalelab.bench_data import bench
 
-    sys.path.insert(0, str(script.parents[1]))  # bench_data imports tests.fixtures_data
-    spec = importlib.util.spec_from_file_location("rescalelab_bench_data", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     sizes = {"cifar_images": 1000, "imagenet_images": 64, "batch": 8} if quick else {}
     out = []
-    for r in module.bench(device, **sizes):
+    for r in bench(device, **sizes):
         c = Comparison(
             row=f"data/{r['pipeline']} ({r['model']}, batch {r['batch_size']})",
             unit="img/s",
@@ -539,15 +624,6 @@ def machine() -> dict[str, str]:
     return info
 
 
-def _available(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def run(
     quick: bool = False, device: str | None = None, rows: list[str] | None = None
 ) -> dict[str, Any]:
@@ -557,20 +633,18 @@ def run(
     results: list[Comparison] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if "norm" in wanted and _available("rescalelab.norm.whitening"):
-            results.append(row_norm(device, quick))
-            if _available("rescalelab.models.alexnet") and not quick:
-                results.append(row_norm(device, quick, model="alexnet"))
-        if "baselines" in wanted and _available("heavyball"):
+        if "norm" in wanted:
+            results.extend(norm_rows(device, quick))
+        if "baselines" in wanted:
             results.extend(row_baselines(device, quick))
         if "framework" in wanted:
             results.extend(row_framework(root, device, quick))
-        if "drift" in wanted and _available("rescalelab.instruments.drift"):
+        if "drift" in wanted:
             results.append(row_drift(root, device, quick))
-        if "stepsizes" in wanted and _available("rescalelab.instruments.stepsizes"):
+        if "stepsizes" in wanted:
             results.append(row_stepsizes(root, device, quick))
-        if "data" in wanted and (data_rows := _data_rows(device, quick)) is not None:
-            results.extend(data_rows)
+        if "data" in wanted:
+            results.extend(_data_rows(device, quick))
         if rows is None or "train_eval" in wanted:
             results.append(row_train_eval(root, device, quick))
         if "gpu" in wanted and (device.startswith("cuda") or rows):

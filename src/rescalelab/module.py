@@ -81,15 +81,6 @@ class Classifier(pl.LightningModule):
         self._epoch_sums: torch.Tensor | None = None
         self._epoch_steps = 0
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets ``_current_fx_name`` around every hook call, ~40 times a training step;
-        # nn.Module.__setattr__ searches parameters, buffers and submodules each time. A plain
-        # attribute write keeps ~1% of a small CPU step.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
     def setup(self, stage: str) -> None:
         self.objective = getattr(self.trainer.datamodule, "objective", None)
 
@@ -132,14 +123,12 @@ class Classifier(pl.LightningModule):
         observe_loss(self.trainer, loss)  # schedule=halving mode=plateau watches every step
         correct = None if self.objective is not None else (logits.argmax(dim=1) == y).float().mean()
         self._accumulate_epoch(loss, correct, batch_idx)
-        if self._is_logging_step():
-            # Lightning writes step metrics only every log_every_n_steps; computing and
-            # self.log-ing them on the other steps would cost time and change nothing.
-            # sync_dist: under DDP, the mean over the global batch (a no-op on one process).
-            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-            if correct is not None:
-                self.log("train/acc", correct, sync_dist=True)
-            self._log_stepsizes()
+        # Lightning writes step metrics every log_every_n_steps. sync_dist: under DDP, the mean
+        # over the global batch (a no-op on one process).
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        if correct is not None:
+            self.log("train/acc", correct, sync_dist=True)
+        self._log_stepsizes()
         return loss
 
     def _accumulate_epoch(
@@ -175,11 +164,6 @@ class Classifier(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         # An epoch cut short (max_steps, limit_train_batches) still gets its point.
         self._log_epoch_means(max(self.global_step - 1, 0))
-
-    def _is_logging_step(self) -> bool:
-        """True on the steps Lightning sends to the logger (same rule as its logger connector)."""
-        every = self.trainer.log_every_n_steps
-        return (self.global_step + 1) % every == 0 or self.trainer.should_stop
 
     def _log_stepsizes(self) -> None:
         groups = self.optimizers().optimizer.param_groups
