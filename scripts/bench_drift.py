@@ -38,8 +38,8 @@ def _fit(root: Path, overrides: list[str], tag: str) -> dict[str, float]:
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
+    from rescalelab.callbacks.drift import DriftMonitor
     from rescalelab.fit import build_components
-    from rescalelab.instruments.drift import DriftMonitor
     from rescalelab.resolvers import register_resolvers
     from rescalelab.tracking import TrackedRun
 

@@ -33,14 +33,14 @@ def _load(uri: str, run_id: str, tmp: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def run_figures(uri: str, run_id: str, tmp: Path) -> dict[str, Any]:
-    from rescalelab.instruments.drift import figures
+    from rescalelab.callbacks.drift import figures
 
     table, meta = _load(uri, run_id, tmp)
     return figures.run_figures(table, meta)
 
 
 def sweep_figure(uri: str, parent: str, tmp: Path) -> Any:
-    from rescalelab.instruments.drift import figures
+    from rescalelab.callbacks.drift import figures
     from rescalelab.tracking.artifacts import child_run_ids, metric_history, run_params
 
     runs = []
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", action="store_true", help="also log the figures to the run")
     a = p.parse_args(argv)
     uri = a.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    from rescalelab.instruments.drift.figures import close
+    from rescalelab.callbacks.drift.figures import close
     from rescalelab.tracking.artifacts import log_figure_to_run
 
     a.out.mkdir(parents=True, exist_ok=True)

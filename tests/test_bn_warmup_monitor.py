@@ -13,10 +13,10 @@ import pytest
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
+from rescalelab.callbacks.bn_warmup import BNWarmupMonitor
+from rescalelab.callbacks.drift import DriftMonitor
 from rescalelab.data import SyntheticImages
 from rescalelab.errors import ConfigError
-from rescalelab.instruments.bn_warmup import BNWarmupMonitor
-from rescalelab.instruments.drift import DriftMonitor
 from rescalelab.models import SmallCNN
 from rescalelab.module import Classifier
 from rescalelab.norm import BatchNorm

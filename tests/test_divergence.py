@@ -11,7 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from rescalelab.instruments.guard import Diverged, DivergenceGuard
+from rescalelab.callbacks.guard import Diverged, DivergenceGuard
 from tests.helpers import all_runs, assert_ok, child_runs, client, history, run_cli
 
 

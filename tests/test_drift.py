@@ -17,11 +17,11 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from rescalelab.callbacks.drift import DriftMonitor
+from rescalelab.callbacks.drift import stats as ds
+from rescalelab.callbacks.drift.collector import StatsCollector
 from rescalelab.data import TensorDataModule
 from rescalelab.errors import ConfigError
-from rescalelab.instruments.drift import DriftMonitor
-from rescalelab.instruments.drift import stats as ds
-from rescalelab.instruments.drift.collector import StatsCollector
 from rescalelab.models import SmallCNN
 from rescalelab.norm import BatchNorm, Whitening
 
@@ -502,7 +502,7 @@ def _is_png(fig) -> bool:
 def test_figures_from_a_monitored_fit_and_a_warmup_sweep_are_valid_pngs():
     import pandas as pd
 
-    from rescalelab.instruments.drift import figures
+    from rescalelab.callbacks.drift import figures
 
     mon = fit_toy(lambda t: 0.01, steps=60, dense_steps=20, probe_every=10)
     table = mon.table()
@@ -551,8 +551,8 @@ def _switch_lines(fig) -> list[float]:
 
 
 def test_a_switch_line_only_where_bn_switched_to_whitening():
-    from rescalelab.instruments.drift import figures
-    from rescalelab.instruments.drift.monitor import switch_step
+    from rescalelab.callbacks.drift import figures
+    from rescalelab.callbacks.drift.monitor import switch_step
     from rescalelab.norm import BnWarmup
 
     plug = BnWarmup(warmup_epochs=0)  # whitening from the start: switched_at_step = 0
@@ -575,7 +575,7 @@ def test_a_switch_line_only_where_bn_switched_to_whitening():
 
 
 def test_the_lag_figure_shows_one_quantity_per_panel_on_one_axis():
-    from rescalelab.instruments.drift import figures
+    from rescalelab.callbacks.drift import figures
 
     mon = fit_toy(lambda t: 0.01, steps=60, dense_steps=20, probe_every=10)
     meta = {"layers": ["ramp", "white", "bn", "head"], "epoch_starts": [0],

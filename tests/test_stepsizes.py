@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from rescalelab.instruments.stepsizes import StepsizeMonitor
+from rescalelab.callbacks.stepsizes import StepsizeMonitor
 from rescalelab.norm import Whitening
 from tests.helpers import all_runs, assert_ok, history, run_cli
 

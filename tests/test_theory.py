@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rescalelab.data.convex import LogisticData, QuadraticData
-from rescalelab.instruments.theory import (
+from rescalelab.callbacks.theory import (
     fixed_step_bound,
     inverse_bound,
     nonconvex_average_bound,
 )
+from rescalelab.data.convex import LogisticData, QuadraticData
 from rescalelab.optim.schedules import InverseFactor
 from rescalelab.theory_runs import run_sg
 from tests.helpers import all_runs, assert_ok, child_runs, client, history, run_cli

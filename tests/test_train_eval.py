@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
+from rescalelab.callbacks.train_eval import TrainEval
 from rescalelab.data.base import TRAIN_EVAL_DEFAULT
 from rescalelab.errors import ConfigError
-from rescalelab.instruments.train_eval import TrainEval
 from tests.helpers import TINY, all_runs, assert_ok, history, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")

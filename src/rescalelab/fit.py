@@ -28,11 +28,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
+from rescalelab.callbacks.checkpoint import Interrupted, RngState
+from rescalelab.callbacks.guard import Diverged
 from rescalelab.console import console, quiet_stack
 from rescalelab.distributed import check_launch
 from rescalelab.errors import ConfigError
-from rescalelab.instruments.checkpoint import Interrupted, RngState
-from rescalelab.instruments.guard import Diverged
 from rescalelab.models.geometry import layer_geometry, rescalable_layers
 from rescalelab.module import Classifier
 from rescalelab.optim import build_optimizer, build_scheduler

@@ -5,7 +5,7 @@ holds::
 
     checkpoints/last.ckpt   the latest state: every callbacks.last.every_n_train_steps steps
                             (mid-epoch), after every epoch, and on SIGINT/SIGTERM
-                            (:mod:`rescalelab.instruments.checkpoint`)
+                            (:mod:`rescalelab.callbacks.checkpoint`)
     checkpoints/best.ckpt   the best state by callbacks.checkpoint.monitor
     mlflow_run_id           the id of the run's MLflow run
     run_overrides.yaml      the overrides the run started with
@@ -15,7 +15,7 @@ holds::
 MLflow run and lets Lightning restore from ``last.ckpt``: weights and buffers (BN and whitening
 statistics), optimizer and schedule state, loop counters, the callbacks' state, the data
 position (:class:`~rescalelab.data.TensorBatches`' epoch and batch) and, through
-:class:`~rescalelab.instruments.checkpoint.RngState`, the global random generators. ``ckpt_path=<file>`` picks another
+:class:`~rescalelab.callbacks.checkpoint.RngState`, the global random generators. ``ckpt_path=<file>`` picks another
 checkpoint; it continues the run of the current output directory if that directory has one,
 else it starts a new run from that state.
 

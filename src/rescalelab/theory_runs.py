@@ -31,8 +31,8 @@ import torch
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 
+from rescalelab.callbacks.theory import fixed_step_bound, inverse_bound
 from rescalelab.errors import ConfigError
-from rescalelab.instruments.theory import fixed_step_bound, inverse_bound
 from rescalelab.optim import build_optimizer, build_scheduler
 from rescalelab.optim.schedules import ConstantFactor, InverseFactor
 

@@ -9,7 +9,7 @@ times for time-outs. The requeued job runs that new submission.
 :class:`SlurmLauncher` is hydra-submitit-launcher's launcher whose ``checkpoint()`` returns the
 same job with ``resume=true`` added, so the requeued job continues the MLflow run of its output
 directory from ``checkpoints/last.ckpt`` (:mod:`rescalelab.resume`), with no user action. And
-:class:`~rescalelab.instruments.checkpoint.LastCheckpoint` holds SIGUSR2 back to the end of the
+:class:`~rescalelab.callbacks.checkpoint.LastCheckpoint` holds SIGUSR2 back to the end of the
 current training step: it commits ``last.ckpt`` there, then hands the signal to submitit, so the
 requeued job loses no step. :class:`LocalLauncher` is the same for submitit's local executor
 (``hydra/launcher=submitit_local hydra.launcher._target_=hydra_plugins.rescalelab_plugins.submitit_requeue.LocalLauncher``),

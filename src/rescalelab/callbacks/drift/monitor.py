@@ -1,15 +1,15 @@
 """``callbacks=drift``: :class:`DriftMonitor`, the Lightning callback of the drift instruments.
 
-On an instrumented step (a :class:`~rescalelab.instruments.drift.stats.Schedule`, plus the probe
+On an instrumented step (a :class:`~rescalelab.callbacks.drift.stats.Schedule`, plus the probe
 steps and the steps another callback asks for) it opens the collector's gate before the forward,
 records the weight and gradient norms before the optimizer step and, after it, gathers the
 statistics (one all-reduce, one host copy), summarises them per layer
-(:class:`~rescalelab.instruments.drift.stats.HostSummary`) and logs the scalars
+(:class:`~rescalelab.callbacks.drift.stats.HostSummary`) and logs the scalars
 ``drift/<layer>/<stat>`` through ``trainer.loggers``: the run's resilient logger queues them off
 the training thread, retries them through a store outage and drops steps a resumed run replays.
 Per-unit vectors go to ``drift/arrays/epoch_<e>.npz``; at the end of fit, and when the fit fails
 (a diverged run is the one to diagnose), ``drift/summary.parquet``, ``drift/meta.json`` and the
-figures ``drift/figures/*.png`` (:mod:`~rescalelab.instruments.drift.outputs`).
+figures ``drift/figures/*.png`` (:mod:`~rescalelab.callbacks.drift.outputs`).
 
 The monitor only reads: it never changes a parameter, a gradient, a buffer or an RNG state, so
 a run with ``callbacks=drift`` logs the same training metrics as one without.
@@ -25,11 +25,11 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
+from rescalelab.callbacks.drift import outputs
+from rescalelab.callbacks.drift import stats as ds
+from rescalelab.callbacks.drift.collector import StatsCollector
+from rescalelab.callbacks.drift.probe import auto_probe, probe_batches
 from rescalelab.errors import ConfigError
-from rescalelab.instruments.drift import outputs
-from rescalelab.instruments.drift import stats as ds
-from rescalelab.instruments.drift.collector import StatsCollector
-from rescalelab.instruments.drift.probe import auto_probe, probe_batches
 
 # What goes to MLflow as metrics on every instrumented step with ``metrics: compact``; every
 # statistic, always, goes to drift/summary.parquet.

@@ -14,6 +14,6 @@ of the ReLU. The package makes this visible for any model:
 * ``figures``: the figures, from the artifacts alone (``scripts/plot_drift.py`` redraws them).
 """
 
-from rescalelab.instruments.drift.monitor import DriftMonitor
+from rescalelab.callbacks.drift.monitor import DriftMonitor
 
 __all__ = ["DriftMonitor"]

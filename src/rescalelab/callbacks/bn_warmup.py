@@ -38,9 +38,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from rescalelab.callbacks.drift import DriftMonitor
+from rescalelab.callbacks.drift.monitor import steps_per_epoch as _steps_per_epoch
 from rescalelab.errors import ConfigError
-from rescalelab.instruments.drift import DriftMonitor
-from rescalelab.instruments.drift.monitor import steps_per_epoch as _steps_per_epoch
 
 LAG_STATS = ("lag_mean_z_probe", "lag_logvar_probe", "lag_mean_z", "lag_logvar")
 

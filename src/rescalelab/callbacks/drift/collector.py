@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from rescalelab.instruments.drift import stats as ds
+from rescalelab.callbacks.drift import stats as ds
 
 
 def estimates(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -21,8 +21,8 @@ import torch
 from rescalelab.tracking import artifacts
 
 if TYPE_CHECKING:
-    from rescalelab.instruments.drift.collector import StatsCollector
-    from rescalelab.instruments.drift.monitor import DriftMonitor
+    from rescalelab.callbacks.drift.collector import StatsCollector
+    from rescalelab.callbacks.drift.monitor import DriftMonitor
 
 
 def _per_key() -> defaultdict[str, list]:
@@ -166,7 +166,7 @@ def write(monitor: DriftMonitor, trainer: pl.Trainer, pl_module: pl.LightningMod
     table.to_parquet(where / "summary.parquet", index=False)
     (where / "meta.json").write_text(json.dumps(meta, indent=1, default=float))
     if monitor.figures and len(table):
-        from rescalelab.instruments.drift import figures
+        from rescalelab.callbacks.drift import figures
 
         (where / "figures").mkdir(exist_ok=True)
         for name, fig in figures.run_figures(table, meta).items():
