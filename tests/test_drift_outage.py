@@ -101,7 +101,11 @@ def test_drift_metrics_and_artifacts_outlive_a_tracking_server_outage(
 
         _wait_for(first_metrics, train)
         stop_server(server)
-        _wait_for(lambda: "`Trainer.fit` stopped" in out.read_text(), train)
+        # Training is over once the drift outputs are written locally (on_fit_end, before
+        # their upload, which retries for 120 s); the console no longer shows Lightning's
+        # "`Trainer.fit` stopped" line, and waiting for it waited for the process to exit.
+        _wait_for(lambda: (tmp_path / "run" / "drift" / "summary.parquet").exists(), train)
+        assert train.poll() is None, "the run ended before the server came back"
         time.sleep(3)
         server = start_server(tmp_path, port)
         assert train.wait(timeout=600) == 0, out.read_text()[-3000:]
