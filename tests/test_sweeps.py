@@ -84,8 +84,8 @@ PRESET_SWEEPS = {
         **SEEDS,
     },
     "memorization": {
-        "method": "sg,sg_fanin,bn,whitening,bn_warmup,rmsprop,adam",
-        "optim.lr": "0.01,0.03,0.1,0.3,1",
+        "method": "sg,sg_fanin,bn,whitening",
+        "optim.lr": "0.03,0.1,0.3,1",
         **SEEDS,
     },
     "memorization_knobs": {"optim.lr": "0.3,1,3", "norm.max_scale": "null,10,100", **SEEDS},
