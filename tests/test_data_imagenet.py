@@ -15,13 +15,8 @@ import torch
 from PIL import Image
 
 from rescalelab.data import ImageNetSubset
-from rescalelab.data.imagenet import (
-    decode_image,
-    default_resize,
-    keep_count,
-    main,
-    select_subset,
-)
+from rescalelab.data.imagenet import decode_image, default_resize, keep_count, select_subset
+from rescalelab.data.imagenet.prepare import main
 from rescalelab.errors import ConfigError
 from tests.fixtures_data import truncate_file, wnid, write_garbage, write_imagefolder
 from tests.helpers import all_runs, assert_ok, cli_env, run_cli
