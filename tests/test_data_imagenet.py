@@ -195,6 +195,40 @@ def test_missing_cache_says_how_to_build_it(folder, tmp_path):
     assert f"data.root={folder} data.cache={tmp_path / 'nocache'} data.fraction=0.5" in str(e.value)
 
 
+def test_a_failing_chunk_result_cancels_the_chunks_not_yet_started():
+    """An error recorded for one chunk (a corrupt image, Ctrl-C) stops the work: the chunks not
+    yet started are cancelled rather than all decoded before the error is raised."""
+    import threading
+
+    from rescalelab.data.imagenet.pool import run_chunks
+
+    ran: list[int] = []
+    gate = threading.Event()
+
+    def work(chunk: list[int]) -> int:
+        ran.append(chunk[0])
+        if chunk[0] > 0:  # the first chunk completes; the one running after it waits
+            assert gate.wait(timeout=60)
+        return chunk[0]
+
+    def fail(result: int, chunk: list[int]) -> None:
+        gate.set()
+        raise ValueError(f"bad image in chunk {result}")
+
+    chunks = [[k, k] for k in range(50)]
+    with pytest.raises(ValueError, match="bad image in chunk 0"):
+        run_chunks(work, chunks, fail, workers=1, description="x", progress=False)
+    assert ran[0] == 0 and len(ran) <= 2  # at most the chunk already running finished
+
+
+def test_cross_key_checks_stay_with_the_data(folder):
+    with pytest.raises(ConfigError, match="data.resize_size=20 is invalid: expected null or an "
+                       "integer >= data.image_size=24"):  # fmt: skip
+        _dm(folder, resize_size=20)
+    with pytest.raises(ConfigError, match="data.batch_size=64 is invalid: expected <= the 19 "):
+        _dm(folder, batch_size=64).setup()  # 19 training images: 3 + 4 + 5 + 7
+
+
 # -- errors -------------------------------------------------------------------------------------
 def test_missing_or_incomplete_folder_names_the_layout(folder, tmp_path):
     layout = re.escape("train/<wnid>/*.JPEG and")
