@@ -1,9 +1,9 @@
 """The DataModule contract every dataset option follows.
 
 A dataset tells the model builder its ``input_shape`` and ``num_classes`` (so model configs
-never repeat them), checks what only the data can tell (files, counts), and serves :class:`TensorBatches` (or, for image
-folders, a DataLoader). ``setup`` does all file reading, so a missing or broken dataset fails
-before any MLflow run exists.
+never repeat them), checks what only the data can tell (files, counts), and serves
+:class:`TensorBatches` (or, for image folders, a DataLoader). ``setup`` does all file reading,
+so a missing or broken dataset fails before any MLflow run exists.
 
 ``label_noise`` (every image option) turns a dataset into a memorization task (Zhang et al.
 2017): right after the training split is loaded, ``round(p × n_train)`` training samples chosen
