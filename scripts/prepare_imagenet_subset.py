@@ -9,7 +9,7 @@ Takes the same overrides as ``rescalelab-train`` (it is ``rescalelab-prepare-ima
 
 import sys
 
-from rescalelab.data.imagenet import main
+from rescalelab.data.imagenet.prepare import main
 
 if __name__ == "__main__":
     sys.exit(main())

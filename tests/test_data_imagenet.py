@@ -15,13 +15,8 @@ import torch
 from PIL import Image
 
 from rescalelab.data import ImageNetSubset
-from rescalelab.data.imagenet import (
-    decode_image,
-    default_resize,
-    keep_count,
-    main,
-    select_subset,
-)
+from rescalelab.data.imagenet import decode_image, default_resize, keep_count, select_subset
+from rescalelab.data.imagenet.prepare import main
 from rescalelab.errors import ConfigError
 from tests.fixtures_data import truncate_file, wnid, write_garbage, write_imagefolder
 from tests.helpers import all_runs, assert_ok, cli_env, run_cli
@@ -198,6 +193,40 @@ def test_missing_cache_says_how_to_build_it(folder, tmp_path):
         _dm(folder, cache=str(tmp_path / "nocache")).setup("fit")
     assert "does not exist yet: build it first with `rescalelab-prepare-imagenet" in str(e.value)
     assert f"data.root={folder} data.cache={tmp_path / 'nocache'} data.fraction=0.5" in str(e.value)
+
+
+def test_a_failing_chunk_result_cancels_the_chunks_not_yet_started():
+    """An error recorded for one chunk (a corrupt image, Ctrl-C) stops the work: the chunks not
+    yet started are cancelled rather than all decoded before the error is raised."""
+    import threading
+
+    from rescalelab.data.imagenet.pool import run_chunks
+
+    ran: list[int] = []
+    gate = threading.Event()
+
+    def work(chunk: list[int]) -> int:
+        ran.append(chunk[0])
+        if chunk[0] > 0:  # the first chunk completes; the one running after it waits
+            assert gate.wait(timeout=60)
+        return chunk[0]
+
+    def fail(result: int, chunk: list[int]) -> None:
+        gate.set()
+        raise ValueError(f"bad image in chunk {result}")
+
+    chunks = [[k, k] for k in range(50)]
+    with pytest.raises(ValueError, match="bad image in chunk 0"):
+        run_chunks(work, chunks, fail, workers=1, description="x", progress=False)
+    assert ran[0] == 0 and len(ran) <= 2  # at most the chunk already running finished
+
+
+def test_cross_key_checks_stay_with_the_data(folder):
+    with pytest.raises(ConfigError, match="data.resize_size=20 is invalid: expected null or an "
+                       "integer >= data.image_size=24"):  # fmt: skip
+        _dm(folder, resize_size=20)
+    with pytest.raises(ConfigError, match="data.batch_size=64 is invalid: expected <= the 19 "):
+        _dm(folder, batch_size=64).setup()  # 19 training images: 3 + 4 + 5 + 7
 
 
 # -- errors -------------------------------------------------------------------------------------

@@ -143,6 +143,7 @@ def test_plateau_halving_waits_for_the_smoothed_loss_to_stop_decreasing():
         (["optim=rmsprop", "optim.alpha=1.5"], "optim.alpha=1.5 is invalid"),
         (["optim=adam", "optim.eps=0"], "optim.eps=0 is invalid"),
         (["data=quadratic", "data.cond=0.5"], "data.cond=0.5 is invalid"),
+        (["data=quadratic", "data.noise_std=-1"], "data.noise_std=-1 is invalid"),
         (["data=quadratic", "model=linear", "callbacks=theory", "model.bias=true"],
          "model.bias=true is invalid with callbacks=theory"),
         (["callbacks=theory"], "callbacks=theory is invalid with data SyntheticImages"),
@@ -159,8 +160,6 @@ def test_convex_problem_arguments_are_checked_when_built():
         QuadraticData(num_train=40, batch_size=50)
     with pytest.raises(ConfigError, match="data.lam=0.0 is invalid"):
         LogisticData(lam=0.0)
-    with pytest.raises(ConfigError, match="data.noise_std=-1 is invalid"):
-        QuadraticData(noise_std=-1)
 
 
 # -- the CLI: what a run logs ----------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The DataModule contract every dataset option follows.
 
 A dataset tells the model builder its ``input_shape`` and ``num_classes`` (so model configs
-never repeat them), validates its own keys, and serves :class:`TensorBatches` (or, for image
-folders, a DataLoader). ``setup`` does all file reading, so a missing or broken dataset fails
-before any MLflow run exists.
+never repeat them), checks what only the data can tell (files, counts), and serves
+:class:`TensorBatches` (or, for image folders, a DataLoader). ``setup`` does all file reading,
+so a missing or broken dataset fails before any MLflow run exists.
 
 ``label_noise`` (every image option) turns a dataset into a memorization task (Zhang et al.
 2017): right after the training split is loaded, ``round(p × n_train)`` training samples chosen
@@ -20,6 +20,7 @@ import atexit
 import shutil
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,40 +30,7 @@ import torch
 from rescalelab.data.tensor_batches import BatchTransform, TensorBatches
 from rescalelab.errors import ConfigError
 
-
-def check_positive(key: str, value: float) -> None:
-    """Raise a one-line :class:`ConfigError` unless ``value > 0``."""
-    if not value > 0:
-        raise ConfigError(f"{key}={value} is invalid: expected a number > 0")
-
-
-def check_fraction(key: str, value: float) -> None:
-    """Raise a one-line :class:`ConfigError` unless ``0 < value <= 1``."""
-    if not 0 < value <= 1:
-        raise ConfigError(f"{key}={value} is invalid: expected a fraction in (0, 1]")
-
-
 TRAIN_EVAL_DEFAULT = 10_000  # train_eval_size=null: the whole set up to this many samples
-
-
-def check_label_noise(label_noise: float, train_eval_size: int | None) -> None:
-    """One-line :class:`ConfigError` for ``data.label_noise`` and ``data.train_eval_size``."""
-    if (
-        isinstance(label_noise, bool)
-        or not isinstance(label_noise, (int, float))
-        or not (0 <= label_noise <= 1)
-    ):
-        raise ConfigError(
-            f"data.label_noise={label_noise!r} is invalid: expected a fraction in [0, 1]"
-        )
-    if train_eval_size is not None and (
-        isinstance(train_eval_size, bool)
-        or not isinstance(train_eval_size, int)
-        or train_eval_size < 1
-    ):
-        raise ConfigError(
-            f"data.train_eval_size={train_eval_size!r} is invalid: expected null or an integer >= 1"
-        )
 
 
 def noisy_labels(
@@ -91,36 +59,43 @@ def write_label_noise(clean: torch.Tensor, noisy: torch.Tensor, replaced: torch.
     return path
 
 
+@dataclass(eq=False, kw_only=True)
 class TensorDataModule(pl.LightningDataModule):
     """A dataset held as tensors ``(x_train, y_train, x_val, y_val)`` in memory.
 
-    Subclasses implement :meth:`load` and return float (or uint8) tensors in NCHW layout.
+    The constructor's keyword arguments are the fields of the dataclass: the keys of the
+    ``conf/data/<name>.yaml`` that targets it, declared once where they belong (the ones every
+    dataset takes here, a dataset's own in its class). Subclasses are ``@dataclass(eq=False,
+    kw_only=True)`` too, finish their construction in :meth:`__post_init__` and implement
+    :meth:`load`, which returns float (or uint8) tensors in NCHW layout; they also set
+    ``input_shape`` and ``num_classes`` (class attributes or set in ``__post_init__``). The
+    ranges of the keys are checked by :mod:`rescalelab.validate` before anything is built; a
+    constructor checks only what involves the data themselves or several keys together.
     The tensors move to the training device once, in ``setup``'s first call from the trainer.
     """
 
-    input_shape: tuple[int, ...]
-    num_classes: int
+    batch_size: int = 128
+    seed: int = 0
+    val_batch_size: int | None = None
+    label_noise: float = 0.0
+    train_eval_size: int | None = None
 
-    def __init__(
-        self,
-        batch_size: int = 128,
-        seed: int = 0,
-        val_batch_size: int | None = None,
-        label_noise: float = 0.0,
-        train_eval_size: int | None = None,
-    ):
+    def __post_init__(self) -> None:
         super().__init__()
-        check_label_noise(label_noise, train_eval_size)
-        self.label_noise, self.train_eval_size = float(label_noise), train_eval_size
+        self.label_noise = float(self.label_noise)
+        self.val_batch_size = self.val_batch_size or max(self.batch_size, 512)
         self.replaced: torch.Tensor | None = None  # training indices whose label was redrawn
         self.artifacts: dict[str, Path] = {}  # logged under data/ by fit.py
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ConfigError(f"data.batch_size={batch_size} is invalid: expected an integer > 0")
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or max(batch_size, 512)
-        self.seed = seed
         self.tensors: dict[str, torch.Tensor] | None = None
         self._train: TensorBatches | None = None
+        self._pending_state: dict[str, Any] | None = None  # a resumed position, until served
+
+    def check_batch(self, n_train: int, what: str | None = None) -> None:
+        """``data.batch_size`` must not exceed the ``n_train`` training samples (``what``
+        names where that count comes from, e.g. ``data.num_train=512``)."""
+        if self.batch_size > n_train:
+            what = what or f"the {n_train} training samples"
+            raise ConfigError(f"data.batch_size={self.batch_size} is invalid: expected <= {what}")
 
     # -- to implement -------------------------------------------------------------------
     def load(self) -> dict[str, torch.Tensor]:
@@ -147,6 +122,7 @@ class TensorDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tensors is None:
             self.tensors = self.load()
+        self.check_batch(len(self.tensors["x_train"]))
         self._add_label_noise()
         if self.trainer is not None:
             device = self.trainer.strategy.root_device
@@ -197,19 +173,29 @@ class TensorDataModule(pl.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
+    def rank_batch(self) -> tuple[int, int, int]:
+        """``(rank, world size, per-rank batch)``: the global ``data.batch_size`` split evenly
+        over the ranks the trainer actually runs."""
+        rank, world = self._rank()
+        if self.batch_size % world:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is invalid: the global batch must "
+                f"divide across {world} ranks"
+            )
+        return rank, world, self.batch_size // world
+
+    def train_batches_class(self) -> type[TensorBatches]:
+        """How training batches are drawn: :class:`TensorBatches` (a permutation per epoch)."""
+        return TensorBatches
+
     def train_dataloader(self) -> TensorBatches:
         assert self.tensors is not None
         if self._train is None:
-            rank, world = self._rank()
-            if self.batch_size % world:
-                raise ConfigError(
-                    f"data.batch_size={self.batch_size} is invalid: the global batch must "
-                    f"divide across {world} ranks"
-                )
-            self._train = TensorBatches(
+            rank, world, batch = self.rank_batch()
+            self._train = self.train_batches_class()(
                 self.tensors["x_train"],
                 self.tensors["y_train"],
-                self.batch_size // world,
+                batch,
                 shuffle=True,
                 seed=self.seed,
                 drop_last=True,
@@ -217,7 +203,7 @@ class TensorDataModule(pl.LightningDataModule):
                 rank=rank,
                 world_size=world,
             )
-            if getattr(self, "_pending_state", None) is not None:
+            if self._pending_state is not None:  # resumed mid-run
                 self._train.load_state_dict(self._pending_state)
         return self._train
 
@@ -264,18 +250,27 @@ class TensorDataModule(pl.LightningDataModule):
                 self._train.load_state_dict(self._pending_state)
 
 
+@dataclass(eq=False, kw_only=True)
 class ImageDataModule(TensorDataModule):
     """A uint8 image set: per-channel normalization by (mean, std), optional crop and flip.
 
-    Subclasses set ``mean``, ``std`` (measured on the training split when not given),
-    ``augment``, ``crop_padding`` and ``flip``; the transforms run on whole batches on the device.
+    With ``augment``, training batches are cropped at a random offset after zero-padding by
+    r = ``crop_padding`` and, with ``flip``, mirrored with probability ½; the transforms run on
+    whole batches on the device. Subclasses set ``mean``, ``std`` (μ_c, σ_c in [0, 1] units;
+    measured on the training split when not given) in :meth:`load`.
     """
 
-    mean: list[float] | None
-    std: list[float] | None
-    augment: bool
-    crop_padding: int
-    flip: bool
+    augment: bool = True
+    crop_padding: int = 4
+    flip: bool = True
+    # not keys unless a subclass declares them again as init fields (CIFAR-10 does)
+    mean: list[float] | None = field(default=None, init=False)
+    std: list[float] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.mean = None if self.mean is None else [float(v) for v in self.mean]
+        self.std = None if self.std is None else [float(v) for v in self.std]
 
     def train_transform(self) -> BatchTransform:
         from rescalelab.data.augment import ImageBatchTransform

@@ -13,6 +13,7 @@ permutation every epoch drawn from (seed, epoch).
 from __future__ import annotations
 
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,6 @@ LAYOUT = (
     f"expected {FOLDER}/{{data_batch_1..5,test_batch,batches.meta}} under data.root "
     f"(the CIFAR-10 python version, {URL}, unpacked; or set data.download=true)"
 )
-
-
-def _optional_count(key: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-        raise ConfigError(f"{key}={value} is invalid: expected null or an integer > 0")
 
 
 def find_batches(root: Path) -> Path:
@@ -143,6 +139,7 @@ def _subset(n_total: int, n: int | None, seed: int) -> torch.Tensor | None:
     return torch.randperm(n_total, generator=g)[:n].sort().values
 
 
+@dataclass(eq=False, kw_only=True)
 class CIFAR10(ImageDataModule):
     """CIFAR-10 (3×32×32, 10 classes) from the python distribution under ``root``.
 
@@ -155,48 +152,19 @@ class CIFAR10(ImageDataModule):
     num_classes = 10
     input_shape = (3, 32, 32)
 
-    def __init__(
-        self,
-        root: str = "data",
-        download: bool = False,
-        verify: bool = False,
-        augment: bool = True,
-        crop_padding: int = 4,
-        flip: bool = True,
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
-        num_train: int | None = None,
-        num_val: int | None = None,
-        batch_size: int = 128,
-        seed: int = 0,
-        label_noise: float = 0.0,
-        train_eval_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            batch_size=batch_size, seed=seed, label_noise=label_noise,
-            train_eval_size=train_eval_size,
-        )  # fmt: skip
-        _optional_count("data.num_train", num_train)
-        _optional_count("data.num_val", num_val)
-        if not isinstance(crop_padding, int) or crop_padding < 0:
-            raise ConfigError(
-                f"data.crop_padding={crop_padding} is invalid: expected an integer >= 0"
-            )
-        if num_train is not None and batch_size > num_train:
-            raise ConfigError(
-                f"data.batch_size={batch_size} is invalid: expected <= data.num_train={num_train}"
-            )
-        for key, v in (("data.mean", mean), ("data.std", std)):
-            if v is not None and len(v) != 3:
-                raise ConfigError(f"{key}={list(v)} is invalid: expected 3 numbers")
-        if std is not None and min(std) <= 0:
-            raise ConfigError(f"data.std={list(std)} is invalid: expected numbers > 0")
-        self.root = Path(root).expanduser()
-        self.download, self.verify = download, verify
-        self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
-        self.mean = None if mean is None else [float(v) for v in mean]
-        self.std = None if std is None else [float(v) for v in std]
-        self.num_train, self.num_val = num_train, num_val
+    root: str | Path = "data"
+    download: bool = False
+    verify: bool = False
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    num_train: int | None = None
+    num_val: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_train is not None:
+            self.check_batch(self.num_train, f"data.num_train={self.num_train}")
+        self.root = Path(self.root).expanduser()
         self.classes: list[str] = []
 
     # -- reading ----------------------------------------------------------------------------
@@ -243,11 +211,6 @@ class CIFAR10(ImageDataModule):
             x_train, y_train = x_train[idx], y_train[idx]
         if (idx := _subset(len(x_val), self.num_val, self.seed + 1)) is not None:
             x_val, y_val = x_val[idx], y_val[idx]
-        if self.batch_size > len(x_train):
-            raise ConfigError(
-                f"data.batch_size={self.batch_size} is invalid: expected <= the "
-                f"{len(x_train)} training images"
-            )
         if self.mean is None or self.std is None:
             mean, std = channel_stats(x_train)
             self.mean, self.std = self.mean or mean, self.std or std

@@ -11,6 +11,8 @@ the batched device transforms of :mod:`rescalelab.data.augment`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +45,7 @@ def upsample_digits(images: torch.Tensor, size: int, channels: int) -> torch.Ten
     return x.expand(-1, channels, -1, -1).contiguous()
 
 
+@dataclass(eq=False, kw_only=True)
 class Digits(ImageDataModule):
     """The 8×8 digits upsampled to ``channels × image_size × image_size``, 10 classes.
 
@@ -52,42 +55,26 @@ class Digits(ImageDataModule):
 
     num_classes = 10
 
-    def __init__(
-        self,
-        image_size: int = 32,
-        channels: int = 3,
-        val_fraction: float = 0.2,
-        augment: bool = False,
-        crop_padding: int = 2,
-        flip: bool = False,
-        num_train: int | None = None,
-        num_val: int | None = None,
-        batch_size: int = 128,
-        seed: int = 0,
-        label_noise: float = 0.0,
-        train_eval_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            batch_size=batch_size, seed=seed, label_noise=label_noise,
-            train_eval_size=train_eval_size,
-        )  # fmt: skip
-        if not isinstance(image_size, int) or image_size < 8:
-            raise ConfigError(f"data.image_size={image_size} is invalid: expected an integer >= 8")
-        if channels not in (1, 3):
-            raise ConfigError(f"data.channels={channels} is invalid: expected 1 or 3")
-        if not 0 < val_fraction < 1:
+    image_size: int = 32
+    channels: int = 3
+    val_fraction: float = 0.2
+    augment: bool = False
+    crop_padding: int = 2
+    flip: bool = False  # a mirrored digit is another symbol
+    num_train: int | None = None
+    num_val: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # stricter than the key's rule (validate.py): the models take grey or RGB, and both
+        # splits need images
+        if self.channels not in (1, 3):
+            raise ConfigError(f"data.channels={self.channels} is invalid: expected 1 or 3")
+        if not 0 < self.val_fraction < 1:
             raise ConfigError(
-                f"data.val_fraction={val_fraction} is invalid: expected a fraction in (0, 1)"
+                f"data.val_fraction={self.val_fraction} is invalid: expected a fraction in (0, 1)"
             )
-        for key, v in (("data.num_train", num_train), ("data.num_val", num_val)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-                raise ConfigError(f"{key}={v} is invalid: expected null or an integer > 0")
-        self.input_shape = (channels, image_size, image_size)
-        self.val_fraction = val_fraction
-        self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
-        self.num_train, self.num_val = num_train, num_val
-        self.mean: list[float] | None = None
-        self.std: list[float] | None = None
+        self.input_shape = (self.channels, self.image_size, self.image_size)
 
     def load(self) -> dict[str, torch.Tensor]:
         from sklearn.datasets import load_digits
@@ -102,11 +89,6 @@ class Digits(ImageDataModule):
             train_idx = train_idx[: self.num_train]
         if self.num_val is not None:
             val_idx = val_idx[: self.num_val]
-        if self.batch_size > len(train_idx):
-            raise ConfigError(
-                f"data.batch_size={self.batch_size} is invalid: expected <= the "
-                f"{len(train_idx)} training images"
-            )
         x_train = x[train_idx]
         self.mean, self.std = channel_stats(x_train)
         return {

@@ -13,11 +13,12 @@ mean colour fails) while a small CNN learns it in a few epochs. Everything is dr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from rescalelab.data.base import TensorDataModule, check_positive
-from rescalelab.errors import ConfigError
+from rescalelab.data.base import TensorDataModule
 
 
 def _smooth_fields(
@@ -27,41 +28,22 @@ def _smooth_fields(
     return F.interpolate(z, size=(size, size), mode="bicubic", align_corners=False)
 
 
+@dataclass(eq=False, kw_only=True)
 class SyntheticImages(TensorDataModule):
     """CIFAR-shaped (C×H×W, K classes) class-prototype images held as tensors."""
 
-    def __init__(
-        self,
-        num_train: int = 5000,
-        num_val: int = 1000,
-        num_classes: int = 10,
-        image_size: int = 32,
-        channels: int = 3,
-        field_noise: float = 2.0,
-        pixel_noise: float = 1.0,
-        batch_size: int = 128,
-        seed: int = 0,
-        label_noise: float = 0.0,
-        train_eval_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            batch_size=batch_size, seed=seed, label_noise=label_noise,
-            train_eval_size=train_eval_size,
-        )  # fmt: skip
-        for key, value in [("data.num_train", num_train), ("data.num_val", num_val)]:
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{key}={value} is invalid: expected an integer > 0")
-        if num_classes < 2:
-            raise ConfigError(f"data.num_classes={num_classes} is invalid: expected >= 2")
-        check_positive("data.image_size", image_size)
-        if batch_size > num_train:
-            raise ConfigError(
-                f"data.batch_size={batch_size} is invalid: expected <= data.num_train={num_train}"
-            )
-        self.num_train, self.num_val = num_train, num_val
-        self.num_classes = num_classes
-        self.input_shape = (channels, image_size, image_size)
-        self.field_noise, self.pixel_noise = field_noise, pixel_noise
+    num_train: int = 5000
+    num_val: int = 1000
+    num_classes: int = 10
+    image_size: int = 32
+    channels: int = 3
+    field_noise: float = 2.0  # σ_field
+    pixel_noise: float = 1.0  # σ_pix
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_batch(self.num_train, f"data.num_train={self.num_train}")
+        self.input_shape = (self.channels, self.image_size, self.image_size)
 
     def load(self) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed)

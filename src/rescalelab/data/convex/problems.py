@@ -34,19 +34,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from rescalelab.data.base import TensorDataModule, check_positive
-from rescalelab.data.tensor_batches import TensorBatches
 from rescalelab.errors import ConfigError
 
 Tensor = torch.Tensor
 DTYPE = torch.float64
 
 
-# ----------------------------------------------------------------------------------------------
-# Problems: float64 data, the exact objective, its gradients and constants
-# ----------------------------------------------------------------------------------------------
 class ConvexProblem:
     """F(w) = (1/n) Σ ℓ(x_iᵀw, y_i) + (λ/2)‖w‖² on float64 data, with its constants.
 
@@ -174,14 +168,14 @@ class ConvexProblem:
         }  # fmt: skip
 
 
-def _population(d: int, cond: float, g: torch.Generator) -> tuple[Tensor, Tensor]:
+def population(d: int, cond: float, g: torch.Generator) -> tuple[Tensor, Tensor]:
     """(Q, s): a random rotation and the spectrum s = logspace(0, −log10 cond, d)."""
     s = torch.logspace(0, -math.log10(cond), d, dtype=DTYPE)
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=DTYPE))
     return q, s
 
 
-def _inputs(n: int, q: Tensor, s: Tensor, g: torch.Generator, exact: bool) -> Tensor:
+def draw_inputs(n: int, q: Tensor, s: Tensor, g: torch.Generator, exact: bool) -> Tensor:
     """Rows ~ N(0, Q diag(s) Qᵀ); with ``exact`` they are whitened first, so that
     XᵀX/n = Q diag(s) Qᵀ exactly (needs n >= d)."""
     z = torch.randn(n, len(s), generator=g, dtype=DTYPE)
@@ -343,177 +337,3 @@ class LogisticProblem(ConvexProblem):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "c_local": self.c_local}
-
-
-# ----------------------------------------------------------------------------------------------
-# DataModules
-# ----------------------------------------------------------------------------------------------
-class SampledBatches(TensorBatches):
-    """Minibatches of indices drawn *with replacement*: the ξ_k are i.i.d., as BCN assume.
-
-    One "epoch" is ⌊n/n_mb⌋ such minibatches; draws come from ``seed`` and the epoch number, so
-    they are reproducible and resumable like :class:`TensorBatches`.
-    """
-
-    def _order(self) -> Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        n = len(self.x)
-        return torch.randint(0, n, (n,), generator=g).to(self.x.device)
-
-
-class ConvexDataModule(TensorDataModule):
-    """A :class:`ConvexProblem` served as (x, y) minibatches, with its exact objective.
-
-    ``problem_seed`` draws the problem; ``seed`` only draws the samples, so runs that differ in
-    ``seed`` are independent SG runs on the *same* problem. ``replacement=true`` samples
-    minibatches i.i.d. with replacement; ``batch_size = num_train`` is full-batch gradient descent.
-    The model has one real output (``num_classes = 1``).
-    """
-
-    num_classes = 1
-    problem_class: type[ConvexProblem] = ConvexProblem
-
-    def __init__(
-        self,
-        dim: int = 20,
-        num_train: int = 4000,
-        num_val: int = 1000,
-        cond: float = 20.0,
-        lam: float = 1e-3,
-        batch_size: int = 1,
-        replacement: bool = True,
-        problem_seed: int = 0,
-        seed: int = 0,
-        noise_estimate: bool = True,
-    ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed)
-        for key, value in [
-            ("data.dim", dim),
-            ("data.num_train", num_train),
-            ("data.num_val", num_val),
-        ]:
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{key}={value} is invalid: expected an integer > 0")
-        if not cond >= 1:
-            raise ConfigError(f"data.cond={cond} is invalid: expected a number >= 1")
-        if not lam >= 0:
-            raise ConfigError(f"data.lam={lam} is invalid: expected a number >= 0")
-        if batch_size > num_train:
-            raise ConfigError(
-                f"data.batch_size={batch_size} is invalid: expected <= data.num_train={num_train}"
-            )
-        self.dim, self.num_train, self.num_val = dim, num_train, num_val
-        self.cond, self.lam = float(cond), float(lam)
-        self.replacement, self.problem_seed = bool(replacement), problem_seed
-        self.noise_estimate = noise_estimate
-        self.input_shape = (dim,)
-        self.problem: ConvexProblem | None = None
-        self._noise: dict[str, float] = {}
-
-    # -- to implement -------------------------------------------------------------------------
-    def labels(self, x: Tensor, w_true: Tensor, g: torch.Generator) -> Tensor:
-        """Labels of inputs ``x`` under the true weights."""
-        raise NotImplementedError
-
-    def true_weights(self, g: torch.Generator) -> Tensor:
-        return torch.randn(self.dim, generator=g, dtype=DTYPE)
-
-    def make_problem(self, x: Tensor, y: Tensor) -> ConvexProblem:
-        return self.problem_class(x, y, self.lam)
-
-    # -- TensorDataModule --------------------------------------------------------------------
-    def load(self) -> dict[str, Tensor]:
-        g = torch.Generator().manual_seed(self.problem_seed)
-        q, s = _population(self.dim, self.cond, g)
-        w_true = self.true_weights(g)
-        x = _inputs(self.num_train, q, s, g, exact=self.num_train >= self.dim)
-        y = self.labels(x, w_true, g)
-        x_val = _inputs(self.num_val, q, s, g, exact=False)
-        y_val = self.labels(x_val, w_true, g)
-        self.problem = self.make_problem(x, y)
-        if self.noise_estimate:
-            self._noise = self.problem.estimate_noise(seed=self.problem_seed)
-        return {
-            "x_train": x.float(), "y_train": y.float(), "x_val": x_val.float(), "y_val": y_val.float(),
-        }  # fmt: skip
-
-    def describe(self) -> dict[str, Any]:
-        assert self.problem is not None
-        return {**super().describe(), **self.problem.describe(), **self._noise}
-
-    def train_dataloader(self) -> TensorBatches:
-        assert self.tensors is not None
-        if self._train is None and self.replacement and self.batch_size < self.num_train:
-            rank, world = self._rank()
-            if self.batch_size % world:
-                raise ConfigError(
-                    f"data.batch_size={self.batch_size} is invalid: the global batch must "
-                    f"divide across {world} ranks"
-                )
-            self._train = SampledBatches(
-                self.tensors["x_train"], self.tensors["y_train"], self.batch_size // world,
-                shuffle=True, seed=self.seed, drop_last=True, rank=rank, world_size=world,
-            )  # fmt: skip
-            if getattr(self, "_pending_state", None) is not None:  # resumed mid-run
-                self._train.load_state_dict(self._pending_state)
-        return super().train_dataloader()
-
-    # -- the exact objective on a minibatch -----------------------------------------------------
-    def objective(self, outputs: Tensor, y: Tensor, model: nn.Module) -> Tensor:
-        """(1/n_mb) Σ ℓ(z_i, y_i) + (λ/2)‖w‖²: F on the minibatch, regularizer included, so its
-        gradient is the stochastic gradient g(w, ξ) of the theory (no optimizer weight decay)."""
-        assert self.problem is not None
-        z = outputs.reshape(-1)
-        reg = sum((p * p).sum() for p in model.parameters())
-        return self.problem.loss(z, y).mean() + 0.5 * self.lam * reg
-
-    def constants(self) -> dict[str, float]:
-        """The problem's constants for this DataModule's minibatch size and sampling."""
-        assert self.problem is not None
-        return self.problem.constants(self.batch_size, self.replacement)
-
-
-class QuadraticData(ConvexDataModule):
-    """``data=quadratic``: ridge least squares, y = xᵀw_true + σ ε (``noise_std`` = σ)."""
-
-    problem_class = LeastSquaresProblem
-
-    def __init__(self, noise_std: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # Not ``label_noise``: on the image datasets that is the share of redrawn labels.
-        if not noise_std >= 0:
-            raise ConfigError(f"data.noise_std={noise_std} is invalid: expected a number >= 0")
-        self.noise_std = float(noise_std)
-
-    def labels(self, x: Tensor, w_true: Tensor, g: torch.Generator) -> Tensor:
-        eps = torch.randn(len(x), generator=g, dtype=DTYPE)
-        return x @ w_true + self.noise_std * eps
-
-
-class LogisticData(ConvexDataModule):
-    """``data=logistic``: y ∈ {−1, +1} with P(y = 1 | x) = sigmoid(xᵀw_true),
-    w_true ~ ``weight_scale`` · N(0, I). F* is cached under ``cache_dir``."""
-
-    problem_class = LogisticProblem
-
-    def __init__(
-        self, weight_scale: float = 2.0, cache_dir: str | None = None, **kwargs: Any
-    ) -> None:
-        kwargs.setdefault("lam", 1e-2)
-        super().__init__(**kwargs)
-        check_positive("data.lam", self.lam)
-        self.weight_scale, self.cache_dir = float(weight_scale), cache_dir
-
-    def true_weights(self, g: torch.Generator) -> Tensor:
-        return self.weight_scale * torch.randn(self.dim, generator=g, dtype=DTYPE)
-
-    def labels(self, x: Tensor, w_true: Tensor, g: torch.Generator) -> Tensor:
-        u = torch.rand(len(x), generator=g, dtype=DTYPE)
-        return torch.where(u < torch.sigmoid(x @ w_true), 1.0, -1.0).to(DTYPE)
-
-    def make_problem(self, x: Tensor, y: Tensor) -> ConvexProblem:
-        key = {
-            "dim": self.dim, "num_train": self.num_train, "cond": self.cond, "lam": self.lam,
-            "weight_scale": self.weight_scale, "problem_seed": self.problem_seed,
-        }  # fmt: skip
-        return LogisticProblem(x, y, self.lam, cache_dir=self.cache_dir, key=key)

@@ -1,0 +1,7 @@
+"""``python -m rescalelab.data.imagenet``: ``rescalelab-prepare-imagenet``."""
+
+import sys
+
+from rescalelab.data.imagenet.prepare import main
+
+sys.exit(main())
