@@ -288,7 +288,7 @@ TORCHRUN_RANK_1 = {
 def test_a_torchrun_rank_other_than_zero_never_touches_the_store(monkeypatch, tmp_path):
     from rescalelab.distributed import ddp_strategy, launch_rank, launched_externally
     from rescalelab.resolvers import on_rank_zero
-    from rescalelab.tracking import MlflowTracking
+    from rescalelab.tracking import MlflowRunFactory
     from rescalelab.tracking.run import ReplicaRun
 
     assert not launched_externally() and launch_rank() == 0
@@ -300,7 +300,7 @@ def test_a_torchrun_rank_other_than_zero_never_touches_the_store(monkeypatch, tm
     assert launched_externally() and launch_rank() == 1
     assert on_rank_zero(".hydra") is None  # hydra.output_subdir: rank 1 writes no .hydra/
     db = tmp_path / "mlflow.db"
-    run = MlflowTracking(f"sqlite:///{db}", "rescalelab").start(
+    run = MlflowRunFactory(f"sqlite:///{db}", "rescalelab").start(
         compose_train("trainer=ddp_cpu"), overrides=[], output_dir=str(tmp_path)
     )
     assert isinstance(run, ReplicaRun) and run.run_id is None
