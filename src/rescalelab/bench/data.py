@@ -35,15 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rescalelab.bench.timing import Comparison
+from rescalelab.bench.timing import Comparison, sync
 from rescalelab.data import CIFAR10, ImageNetSubset
 from rescalelab.data.fixtures import write_cifar10, write_imagefolder
 from rescalelab.models import AlexNet, SmallCNN
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def delivered_rate(
@@ -63,7 +58,7 @@ def delivered_rate(
                 if transform is not None:
                     x = transform(x)
                 n += len(x)
-        _sync(device)
+        sync(device)
         return n, time.perf_counter() - start
 
     run(1)
@@ -92,11 +87,11 @@ def consumed_rate(
 
     for _ in range(2):
         step()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     return steps * batch / (time.perf_counter() - start)
 
 

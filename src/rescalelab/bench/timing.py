@@ -76,10 +76,10 @@ def compare(
     return Comparison(row, unit, base, medians, ratios)
 
 
-def sync(device: str) -> None:
+def sync(device: str | torch.device) -> None:
     """Wait for the device's queued work, so that a clock read after it counts that work."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class FitClock(pl.Callback):
