@@ -1,6 +1,6 @@
 """Run rescalelab's benchmark suite (same as the ``rescalelab-bench`` console script)."""
 
-from rescalelab.bench import main
+from rescalelab.bench.cli import main
 
 if __name__ == "__main__":
     main()

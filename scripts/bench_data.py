@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Does the input pipeline keep up with training? (same as ``python -m rescalelab.bench_data``)."""
+"""Does the input pipeline keep up with training? (same as ``python -m rescalelab.bench.data``)."""
 
-from rescalelab.bench_data import main
+from rescalelab.bench.data import main
 
 if __name__ == "__main__":
     main()

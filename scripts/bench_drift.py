@@ -18,7 +18,7 @@ Each round trains the same configuration twice, once with the default callbacks 
     .venv/bin/python scripts/bench_drift.py                     # small_cnn, default experiment size
     .venv/bin/python scripts/bench_drift.py --norm bn --epochs 3 --rounds 5 --json out.json
 
-``measure(...)`` returns the same numbers as a dict for rescalelab's main benchmark.
+``measure(...)`` returns the same numbers as a dict.
 """
 
 from __future__ import annotations
@@ -35,12 +35,11 @@ from typing import Any
 
 def _fit(root: Path, overrides: list[str], tag: str) -> dict[str, float]:
     import pytorch_lightning as pl
-    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
+    from rescalelab.bench.fits import fit_config
     from rescalelab.callbacks.drift import DriftMonitor
     from rescalelab.fit import build_components
-    from rescalelab.resolvers import register_resolvers
     from rescalelab.tracking import TrackedRun
 
     class Clock(pl.Callback):
@@ -59,18 +58,7 @@ def _fit(root: Path, overrides: list[str], tag: str) -> dict[str, float]:
             self.steps = trainer.global_step
 
     out = root / f"{tag}-{time.monotonic_ns()}"
-    register_resolvers()
-    with initialize_config_module("rescalelab.conf", version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"paths.root={root}",
-                f"paths.output_dir={out}",
-                "+trainer.limit_val_batches=0",
-                "trainer.enable_progress_bar=false",
-                *overrides,
-            ],
-        )
+    cfg = fit_config(root, out, ["trainer.enable_progress_bar=false", *overrides])
     parts = build_components(cfg)
     clock = Clock()
     run = TrackedRun.start(

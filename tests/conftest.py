@@ -26,9 +26,13 @@ def root(tmp_path: Path, migrated_db: Path) -> Path:
     return tmp_path
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """In-process loops of tiny layers: one thread avoids oversubscribing a shared 2-core CPU."""
+    """In-process loops of tiny layers: one thread avoids oversubscribing a shared 2-core CPU.
+
+    Module scope, used as ``pytestmark = pytest.mark.usefixtures("one_thread")``: it is set up
+    before the module's own module-scoped fixtures, which then also run on one thread.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

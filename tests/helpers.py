@@ -1,4 +1,5 @@
-"""Helpers for the tests: the real CLI in a subprocess and reads through MlflowClient."""
+"""Helpers for the tests: the config composed in-process, the real CLI in a subprocess, reads
+through MlflowClient, a real tracking server on loopback."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from hydra import compose, initialize_config_module
 from mlflow import MlflowClient
+from omegaconf import DictConfig
+
+from rescalelab.validate import validate
 
 # Tiny settings that keep one CLI run to a few seconds on a 2-core CPU.
 TINY = [
@@ -22,6 +27,27 @@ TINY = [
     "trainer.log_every_n_steps=2",
     "trainer.enable_progress_bar=false",
 ]
+
+
+# paths.root and paths.output_dir of a config composed in-process (the CLI sets both; composing
+# and validating write nothing there).
+COMPOSE_PATHS = [
+    "paths.root=/tmp/rescalelab-compose",
+    "paths.output_dir=/tmp/rescalelab-compose/out",
+]
+
+
+def compose_train(*overrides: str, hydra: bool = False, check: bool = False) -> DictConfig:
+    """``train.yaml`` composed with ``overrides`` as ``rescalelab-train`` composes it, in-process.
+
+    ``hydra``: keep the ``hydra`` node (launcher, sweeper, sweep params); ``check``: also run
+    :func:`rescalelab.validate.validate` on it (ConfigError on bad input, as the CLI would).
+    """
+    with initialize_config_module("rescalelab.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*COMPOSE_PATHS, *overrides], return_hydra_config=hydra)
+    if check:
+        validate(cfg)
+    return cfg
 
 
 def tracking_uri(root: Path) -> str:

@@ -14,7 +14,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
 from torch import nn
 
 from rescalelab.models import ResNet20, SmallCNN, layer_geometry
@@ -23,19 +22,11 @@ from rescalelab.norm.batch_renorm import BatchRenorm
 from rescalelab.norm.fold import batchnorm_pairs
 from rescalelab.norm.weight_norm import MeanOnlyBatchNorm
 from rescalelab.optim import build_optimizer, build_scheduler
-from rescalelab.validate import validate
+from tests.helpers import compose_train
 
-BASE = ["paths.root=/tmp/rescalelab-compose", "paths.output_dir=/tmp/rescalelab-compose/out"]
 SHAPE = (3, 32, 32)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _compose(*overrides: str):
-    with initialize_config_module("rescalelab.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*BASE, *overrides])
-    validate(cfg)
-    return cfg
 
 
 def _data(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,8 +46,8 @@ def _sgd_steps(model: nn.Module, cfg, steps: int = 3) -> torch.optim.Optimizer:
 
 # -- weight normalization ------------------------------------------------------------------------
 def test_weight_norm_keeps_each_units_norm_equal_to_its_gain_while_training():
-    cfg = _compose("method=weightnorm", "optim.lr=0.5", "optim.weight_decay=0.01",
-                   "optim.decay_exclude=true")  # fmt: skip
+    cfg = compose_train("method=weightnorm", "optim.lr=0.5", "optim.weight_decay=0.01",
+                        "optim.decay_exclude=true", check=True)  # fmt: skip
     torch.manual_seed(0)
     plug = WeightNorm()
     model = SmallCNN(SHAPE, 10, norm=plug)
@@ -175,8 +166,8 @@ def test_adamw_decays_the_weights_apart_from_the_gradient():
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -4.0]]))
         model.bias.copy_(torch.tensor([2.0, -1.0]))
-    cfg = _compose("optim=adamw", f"optim.lr={lr}", f"optim.weight_decay={wd}",
-                   "optim.decay_exclude=true")  # fmt: skip
+    cfg = compose_train("optim=adamw", f"optim.lr={lr}", f"optim.weight_decay={wd}",
+                        "optim.decay_exclude=true", check=True)  # fmt: skip
     opt = build_optimizer(cfg.optim, model, None)
     assert type(opt) is torch.optim.AdamW
     w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
@@ -213,7 +204,9 @@ def test_adamw_decays_the_weights_apart_from_the_gradient():
 
 def test_sgd_honours_nesterov():
     """Nesterov: b_k = μ b_{k−1} + g_k, w ← w − α (g_k + μ b_k) (torch's form)."""
-    cfg = _compose("optim=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.nesterov=true")
+    cfg = compose_train(
+        "optim=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.nesterov=true", check=True
+    )
     w = nn.Parameter(torch.tensor([1.0, -2.0]))
     model = nn.Module()
     model.register_parameter("w", w)
@@ -228,12 +221,12 @@ def test_sgd_honours_nesterov():
         p = p - 0.1 * (g + 0.9 * buf)
         opt.step()
         torch.testing.assert_close(w.detach(), p)
-    heavy = _compose("optim=sgd", "optim.lr=0.1", "optim.momentum=0.9")
+    heavy = compose_train("optim=sgd", "optim.lr=0.1", "optim.momentum=0.9", check=True)
     assert not build_optimizer(heavy.optim, model, None).param_groups[0]["nesterov"]
 
 
 def test_muon_orthogonalizes_matrices_and_steps_vectors_with_adamw():
-    cfg = _compose("method=muon", "optim.lr=0.01")
+    cfg = compose_train("method=muon", "optim.lr=0.01", check=True)
     torch.manual_seed(0)
     model = SmallCNN(SHAPE, 10)
     opt = build_optimizer(cfg.optim, model, layer_geometry(model, SHAPE))
@@ -274,7 +267,7 @@ def _closed_form(k: int, warmup: int, period: int, start: float, final: float) -
     ],
 )  # fmt: skip
 def test_warmup_cosine_follows_its_closed_form(overrides, groups, warmup, final):
-    cfg = _compose("schedule=warmup_cosine", *overrides)
+    cfg = compose_train("schedule=warmup_cosine", *overrides, check=True)
     start = cfg.schedule.start_factor
     params = [nn.Parameter(torch.zeros(1)) for _ in groups]
     opt = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, groups)])
@@ -293,10 +286,15 @@ def test_warmup_cosine_refuses_what_it_cannot_do():
     with pytest.raises(
         ConfigError, match=r"schedule.warmup_epochs=5 is invalid with trainer.max_epochs=5"
     ):
-        _compose("method=sgd_tuned", "schedule.warmup_epochs=5", "trainer.max_epochs=5")
+        compose_train(
+            "method=sgd_tuned", "schedule.warmup_epochs=5", "trainer.max_epochs=5", check=True
+        )
     opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (1, 2)])
-    cfg = _compose(
-        "schedule=warmup_cosine", "schedule.final_factor=0.1", "schedule.warmup_epochs=1"
+    cfg = compose_train(
+        "schedule=warmup_cosine",
+        "schedule.final_factor=0.1",
+        "schedule.warmup_epochs=1",
+        check=True,
     )
     with pytest.raises(ConfigError, match="schedule.final_factor=0.1 is invalid with per-group"):
         build_scheduler(cfg.schedule, opt, total_steps=40, total_epochs=4)
@@ -305,7 +303,7 @@ def test_warmup_cosine_refuses_what_it_cannot_do():
 # -- ResNet-20 ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("shortcut", "count"), [("projection", 272_474), ("pad", 269_722)])
 def test_resnet20_has_about_027m_parameters(shortcut, count):
-    cfg = _compose("model=resnet20", f"model.shortcut={shortcut}", "norm=bn")
+    cfg = compose_train("model=resnet20", f"model.shortcut={shortcut}", "norm=bn", check=True)
     model = ResNet20(SHAPE, 10, norm=BatchNorm(), shortcut=cfg.model.shortcut)
     n = sum(p.numel() for p in model.parameters())
     assert n == count

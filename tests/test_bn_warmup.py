@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, StepLR
@@ -23,7 +22,7 @@ from rescalelab.norm import BatchNorm, BnWarmup
 from rescalelab.norm.bn_warmup import STATE_KEY, continue_schedule
 from rescalelab.norm.fold import fold_batchnorm
 from rescalelab.validate import validate
-from tests.helpers import all_runs, assert_ok, history, run_cli
+from tests.helpers import all_runs, assert_ok, compose_train, history, run_cli
 
 SHAPE = (3, 32, 32)
 
@@ -253,24 +252,15 @@ def test_warmup_zero_is_whitening_from_the_start():
     assert hasattr(model.features[0], "rescale_mean")
 
 
-def _compose(*overrides: str):
-    with initialize_config_module("rescalelab.conf", version_base="1.3"):
-        return compose(
-            "train",
-            overrides=["paths.root=/tmp/rescalelab-compose",
-                       "paths.output_dir=/tmp/rescalelab-compose/out", *overrides],
-        )  # fmt: skip
-
-
 def test_warmup_must_leave_whitened_epochs():
-    cfg = _compose("norm=bn_warmup", "norm.warmup_epochs=2", "trainer.max_epochs=2")
+    cfg = compose_train("norm=bn_warmup", "norm.warmup_epochs=2", "trainer.max_epochs=2")
     with pytest.raises(
         ConfigError, match=r"norm.warmup_epochs=2 is invalid: expected < trainer.max_epochs=2"
     ):
         validate(cfg)
-    validate(_compose("norm=bn_warmup", "norm.warmup_epochs=1", "trainer.max_epochs=2"))
+    validate(compose_train("norm=bn_warmup", "norm.warmup_epochs=1", "trainer.max_epochs=2"))
     with pytest.raises(ConfigError, match="norm.warmup_epochs=-1 is invalid"):
-        validate(_compose("norm=bn_warmup", "norm.warmup_epochs=-1"))
+        validate(compose_train("norm=bn_warmup", "norm.warmup_epochs=-1"))
 
 
 def test_cli_bn_warmup_logs_the_switch(root):

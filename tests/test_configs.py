@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 import rescalelab
 from rescalelab.validate import validate
+from tests.helpers import compose_train
 
 CONF = Path(rescalelab.__file__).parent / "conf"
 GROUPS = ["data", "model", "norm", "optim", "schedule", "trainer", "callbacks", "logger", "paths"]
 SKIP_INSTANTIATE = {("trainer", "gpu"), ("trainer", "ddp")}  # need hardware this machine lacks
-BASE = ["paths.root=/tmp/rescalelab-compose", "paths.output_dir=/tmp/rescalelab-compose/out"]
 
 
 def options(group: str) -> list[str]:
@@ -27,18 +26,13 @@ def options(group: str) -> list[str]:
 CASES = [(g, o) for g in GROUPS for o in options(g)]
 
 
-def _compose(*overrides: str):
-    with initialize_config_module("rescalelab.conf", version_base="1.3"):
-        return compose("train", overrides=[*BASE, *overrides])
-
-
 # Options that only make sense together with others: composed with their partners.
 PARTNERS = {("callbacks", "theory"): ["data=quadratic", "model=linear"]}
 
 
 @pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_every_group_option_composes_and_instantiates(group, option):
-    cfg = _compose(f"{group}={option}", *PARTNERS.get((group, option), []))
+    cfg = compose_train(f"{group}={option}", *PARTNERS.get((group, option), []))
     validate(cfg)
     node = cfg[group]
     if (group, option) in SKIP_INSTANTIATE or group in ("logger", "paths"):
@@ -52,9 +46,9 @@ def test_every_group_option_composes_and_instantiates(group, option):
         dm = instantiate(node)
         assert dm.num_classes >= 1 and len(dm.input_shape) >= 1  # 1: regression problems
         return
-    data = instantiate(_compose().data)
+    data = instantiate(compose_train().data)
     if group == "model":
-        norm = instantiate(_compose().norm)
+        norm = instantiate(compose_train().norm)
         model = instantiate(
             node, input_shape=data.input_shape, num_classes=data.num_classes, norm=norm
         )
@@ -80,17 +74,17 @@ def test_every_group_option_composes_and_instantiates(group, option):
 
 def test_every_trainer_option_is_built_by_the_one_factory():
     """A reader of conf/trainer/<option>.yaml knows what comes out: build_trainer's pl.Trainer."""
-    targets = {o: _compose(f"trainer={o}").trainer._target_ for o in options("trainer")}
+    targets = {o: compose_train(f"trainer={o}").trainer._target_ for o in options("trainer")}
     assert set(targets.values()) == {"rescalelab.distributed.build_trainer"}, targets
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_composes(preset):
-    validate(_compose(f"experiment={preset}"))
+    validate(compose_train(f"experiment={preset}"))
 
 
 def test_interface_keys_exist_with_their_defaults():
-    cfg = _compose()
+    cfg = compose_train()
     assert cfg.seed == 0
     assert cfg.logger.tracking_uri == "sqlite:////tmp/rescalelab-compose/mlflow.db"
     for key in ("logger.experiment_name", "trainer.max_epochs", "data.batch_size",
@@ -100,7 +94,7 @@ def test_interface_keys_exist_with_their_defaults():
 
 def test_tracking_uri_env_var_is_the_default(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert _compose().logger.tracking_uri == "http://127.0.0.1:5999"
+    assert compose_train().logger.tracking_uri == "http://127.0.0.1:5999"
 
 
 def test_wheel_ships_every_config(tmp_path):

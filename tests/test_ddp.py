@@ -17,12 +17,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from torch import nn
 
 from rescalelab.errors import ConfigError
 from rescalelab.validate import validate
-from tests.helpers import TINY, all_runs, assert_ok, child_runs, cli_env, history, run_cli
+from tests.helpers import (
+    TINY,
+    all_runs,
+    assert_ok,
+    child_runs,
+    cli_env,
+    compose_train,
+    history,
+    run_cli,
+)
 
 EPOCHS = ["trainer.max_epochs=3"]  # 8 steps per epoch; norm=bn_warmup switches at epoch 2
 STEPS = list(range(1, 24, 2))  # train/* logged every 2 steps: 1, 3, ..., 23
@@ -32,12 +40,6 @@ NORMS = ["bn", "whitening", "bn_warmup"]
 # The drift instruments reduce their statistics across ranks before logging them.
 DRIFT = ["callbacks=drift", "callbacks.drift.figures=false", "callbacks.drift.arrays=false",
          "callbacks.drift.probe_size=64"]  # fmt: skip
-
-
-def _compose(*overrides: str, hydra: bool = False):
-    base = ["paths.root=/tmp/rescalelab-compose", "paths.output_dir=/tmp/rescalelab-compose/out"]
-    with initialize_config_module("rescalelab.conf", version_base="1.3"):
-        return compose("train", overrides=[*base, *overrides], return_hydra_config=hydra)
 
 
 def _final_state(job_dir: Path) -> dict[str, torch.Tensor]:
@@ -247,8 +249,8 @@ def test_global_batch_must_divide_across_ranks(root):
     )
     assert all_runs(root) == []
     with pytest.raises(ConfigError, match="divide across 6 ranks"):
-        validate(_compose("trainer=ddp", "trainer.devices=3", "trainer.num_nodes=2"))
-    validate(_compose("trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"))
+        validate(compose_train("trainer=ddp", "trainer.devices=3", "trainer.num_nodes=2"))
+    validate(compose_train("trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -263,15 +265,15 @@ def test_gpu_trainers_fail_clearly_without_cuda(root):
     from rescalelab.distributed import check_launch
 
     with pytest.raises(ConfigError, match=r"trainer=ddp needs a CUDA device; use trainer=ddp_cpu"):
-        check_launch(_compose("trainer=ddp"))
+        check_launch(compose_train("trainer=ddp"))
 
 
 def test_several_nodes_need_external_ranks():
     from rescalelab.distributed import check_launch
 
     with pytest.raises(ConfigError, match="trainer.num_nodes=2 is invalid here"):
-        check_launch(_compose("trainer=ddp_cpu", "trainer.num_nodes=2"))
-    check_launch(_compose("trainer=ddp_cpu"))
+        check_launch(compose_train("trainer=ddp_cpu", "trainer.num_nodes=2"))
+    check_launch(compose_train("trainer=ddp_cpu"))
 
 
 # -- rank logic ------------------------------------------------------------------------------
@@ -286,7 +288,7 @@ TORCHRUN_RANK_1 = {
 def test_a_torchrun_rank_other_than_zero_never_touches_the_store(monkeypatch, tmp_path):
     from rescalelab.distributed import ddp_strategy, launch_rank, launched_externally
     from rescalelab.resolvers import on_rank_zero
-    from rescalelab.tracking import MlflowTracking
+    from rescalelab.tracking import MlflowRunFactory
     from rescalelab.tracking.run import ReplicaRun
 
     assert not launched_externally() and launch_rank() == 0
@@ -298,8 +300,8 @@ def test_a_torchrun_rank_other_than_zero_never_touches_the_store(monkeypatch, tm
     assert launched_externally() and launch_rank() == 1
     assert on_rank_zero(".hydra") is None  # hydra.output_subdir: rank 1 writes no .hydra/
     db = tmp_path / "mlflow.db"
-    run = MlflowTracking(f"sqlite:///{db}", "rescalelab").start(
-        _compose("trainer=ddp_cpu"), overrides=[], output_dir=str(tmp_path)
+    run = MlflowRunFactory(f"sqlite:///{db}", "rescalelab").start(
+        compose_train("trainer=ddp_cpu"), overrides=[], output_dir=str(tmp_path)
     )
     assert isinstance(run, ReplicaRun) and run.run_id is None
     assert run.logger().run_id == ""  # a logger like rank 0's, bound to nothing
@@ -345,13 +347,13 @@ def test_ddp_cpu_trainer_uses_spawned_ranks_and_sync_norm():
 
     from rescalelab.distributed import SyncNormLayers
 
-    cfg = _compose("trainer=ddp_cpu", "norm=bn", "norm.sync=true")
+    cfg = compose_train("trainer=ddp_cpu", "norm=bn", "norm.sync=true")
     trainer = instantiate(cfg.trainer, logger=False)
     assert isinstance(trainer.strategy, DDPStrategy)
     assert trainer.strategy._start_method == "spawn" and trainer.world_size == 2
     assert trainer.strategy.process_group_backend == "gloo"
     assert isinstance(trainer.strategy._layer_sync, SyncNormLayers)
-    trainer = instantiate(_compose("trainer=ddp_cpu", "norm=bn").trainer, logger=False)
+    trainer = instantiate(compose_train("trainer=ddp_cpu", "norm=bn").trainer, logger=False)
     assert trainer.strategy._layer_sync is None
 
 
@@ -372,7 +374,7 @@ def _sbatch_text(monkeypatch, tmp_path, *overrides: str) -> str:
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
     with warnings.catch_warnings():  # Hydra's same-name schema notice (see distributed.py)
         warnings.simplefilter("ignore", UserWarning)
-        cfg = _compose("hydra/launcher=submitit_slurm", *overrides, hydra=True)
+        cfg = compose_train("hydra/launcher=submitit_slurm", *overrides, hydra=True)
     launcher = instantiate(cfg.hydra.launcher)
     # What SlurmLauncher.launch does with its params before submitting.
     params = dict(launcher.params)
@@ -404,7 +406,7 @@ def test_channels_last_converts_conv_weights_before_ddp_wraps():
     from rescalelab.distributed import ChannelsLast
     from rescalelab.module import Classifier
 
-    cfg = _compose("trainer=ddp_cpu", "+trainer.channels_last=true")
+    cfg = compose_train("trainer=ddp_cpu", "+trainer.channels_last=true")
     trainer = instantiate(cfg.trainer, logger=False)
     (cb,) = [c for c in trainer.callbacks if isinstance(c, ChannelsLast)]
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))

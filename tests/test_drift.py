@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import math
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from rescalelab.data import TensorDataModule
 from rescalelab.errors import ConfigError
 from rescalelab.models import SmallCNN
 from rescalelab.norm import BatchNorm, Whitening
+from tests.helpers import free_port
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -446,9 +446,7 @@ def _rank(rank: int, port: int, path: str) -> None:
 def test_two_gloo_ranks_reduce_to_the_statistics_of_the_concatenated_batch(tmp_path: Path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     path = str(tmp_path / "rank0.npy")
     # fork: the ranks inherit the imported modules (spawn would re-import torch, Lightning, ...)
     mp.start_processes(_rank, args=(port, path), nprocs=2, join=True, start_method="fork")

@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
 from rescalelab.data.convex import LogisticData, QuadraticData
 from rescalelab.errors import ConfigError
@@ -20,20 +19,14 @@ from rescalelab.models import SmallCNN, layer_geometry
 from rescalelab.optim import build_optimizer, build_scheduler
 from rescalelab.optim.schedules import SmoothedPlateau
 from rescalelab.validate import validate
-from tests.helpers import all_runs, assert_ok, history, run_cli
+from tests.helpers import all_runs, assert_ok, compose_train, history, run_cli
 
-BASE = ["paths.root=/tmp/rescalelab-compose", "paths.output_dir=/tmp/rescalelab-compose/out"]
 FAMILIES = {
     "sgd": torch.optim.SGD,
     "rmsprop": torch.optim.RMSprop,
     "adam": torch.optim.Adam,
     "adagrad": torch.optim.Adagrad,
 }
-
-
-def _compose(*overrides: str):
-    with initialize_config_module("rescalelab.conf", version_base="1.3"):
-        return compose("train", overrides=[*BASE, *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,7 @@ def cnn():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_gets_per_layer_stepsizes_and_decay_groups(family, cnn):
     model, geometry = cnn
-    cfg = _compose(
+    cfg = compose_train(
         f"optim={family}", "optim.lr=0.01", "optim.layer_scale=fanin",
         "optim.decay_exclude=true", "optim.weight_decay=0.001",
     )  # fmt: skip
@@ -63,7 +56,9 @@ def test_every_family_gets_per_layer_stepsizes_and_decay_groups(family, cnn):
         assert [p is layer.weight for p in decayed["params"]] == [True]
         assert [p is layer.bias for p in plain["params"]] == [True]
     # one common stepsize and decay on everything with the defaults
-    plain_opt = build_optimizer(_compose(f"optim={family}", "optim.lr=0.01").optim, model, geometry)
+    plain_opt = build_optimizer(
+        compose_train(f"optim={family}", "optim.lr=0.01").optim, model, geometry
+    )
     assert {g["lr"] for g in plain_opt.param_groups} == {0.01}
     assert sum(len(g["params"]) for g in plain_opt.param_groups) == len(list(model.parameters()))
 
@@ -91,7 +86,7 @@ def _factor(name: str, k: int, **kw: float) -> float:
 )
 def test_schedules_multiply_every_groups_stepsize_by_the_same_factor(name, overrides, kw):
     """α_k = base × factor(k) in every group, so per-layer ratios survive any schedule."""
-    cfg = _compose(f"schedule={name}", *overrides)
+    cfg = compose_train(f"schedule={name}", *overrides)
     validate(cfg)
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.1 * 0.25}])
@@ -152,7 +147,7 @@ def test_plateau_halving_waits_for_the_smoothed_loss_to_stop_decreasing():
 )  # fmt: skip
 def test_bad_optim_schedule_and_problem_values_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        validate(_compose(*overrides))
+        validate(compose_train(*overrides))
 
 
 def test_convex_problem_arguments_are_checked_when_built():

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import rescalelab
@@ -25,18 +24,13 @@ from tests.helpers import (
     assert_ok,
     child_runs,
     client,
+    compose_train,
     history,
     run_cli,
     tracking_uri,
 )
 
 CONF = Path(rescalelab.__file__).parent / "conf"
-BASE = ["paths.root=/tmp/rescalelab-compose", "paths.output_dir=/tmp/rescalelab-compose/out"]
-
-
-def _compose(*overrides: str):
-    with initialize_config_module("rescalelab.conf", version_base="1.3"):
-        return compose("train", overrides=[*BASE, *overrides], return_hydra_config=True)
 
 
 def _parent(root: Path, experiment: str = "rescalelab"):
@@ -104,10 +98,10 @@ TRAIN_EVAL_RANKED = {"paper_cifar10", "paper_imagenet_10pct", "memorization", "m
 
 @pytest.mark.parametrize("preset", sorted(PRESET_SWEEPS))
 def test_lecture_presets_sweep_their_grid_and_run_on_small_data(preset):
-    cfg = _compose(f"experiment={preset}")
+    cfg = compose_train(f"experiment={preset}", hydra=True)
     assert OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) == PRESET_SWEEPS[preset]
     # one documented key changes the number of seeds
-    n5 = _compose(f"experiment={preset}", "n_seeds=5")
+    n5 = compose_train(f"experiment={preset}", "n_seeds=5", hydra=True)
     assert n5.hydra.sweeper.params.seed == "range(0,5)"
     assert cfg.data._target_.endswith(PRESET_DATA[preset])
     assert cfg.logger.experiment_name == preset
@@ -116,9 +110,9 @@ def test_lecture_presets_sweep_their_grid_and_run_on_small_data(preset):
     if preset in TRAIN_EVAL_RANKED:
         assert "train_eval" in cfg.callbacks and cfg.optimized_metric == "train_eval/loss"
     for data in ("synthetic", "digits"):  # the quick look: every preset on small data
-        small = _compose(f"experiment={preset}", f"data={data}")
+        small = compose_train(f"experiment={preset}", f"data={data}", hydra=True)
         validate(small)
-        assert small.data._target_ == _compose(f"data={data}").data._target_
+        assert small.data._target_ == compose_train(f"data={data}", hydra=True).data._target_
 
 
 METHODS = {
@@ -136,22 +130,22 @@ METHODS = {
 def test_method_presets_set_norm_optimizer_and_layer_scale():
     assert sorted(p.stem for p in (CONF / "method").glob("*.yaml")) == sorted(METHODS)
     for method, (norm, optim, scale) in METHODS.items():
-        cfg = _compose(f"method={method}")
+        cfg = compose_train(f"method={method}", hydra=True)
         validate(cfg)
         assert (cfg.norm._target_.rsplit(".", 1)[1], cfg.optim._target_.rsplit(".", 1)[1]) == (
             norm, optim,
         ), method  # fmt: skip
         assert cfg.optim.layer_scale == scale
     # The command line still wins over a method's choices.
-    assert _compose("method=bn", "norm=none").norm._target_.endswith("NoNorm")
+    assert compose_train("method=bn", "norm=none", hydra=True).norm._target_.endswith("NoNorm")
 
 
 def test_optuna_search_and_gpu_launcher_compose():
-    cfg = _compose("hparams_search=optuna_lr")
+    cfg = compose_train("hparams_search=optuna_lr", hydra=True)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.sweeper.params["optim.lr"] == "tag(log, interval(0.001, 1.0))"
     assert cfg.hydra.sweeper.direction == "minimize" and cfg.optimized_metric == "val/loss"
-    cfg = _compose("hydra/launcher=joblib_gpus")
+    cfg = compose_train("hydra/launcher=joblib_gpus", hydra=True)
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
     assert cfg.hydra.launcher.n_jobs == -1
     assert cfg.hydra.callbacks.gpu_per_worker._target_ == "rescalelab.gpu_slots.GpuPerWorker"
@@ -173,13 +167,13 @@ def test_gpu_slots_one_gpu_per_worker_process(tmp_path):
     out = subprocess.run([*other, "3", str(slots)], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("busy: every GPU of ['3'] is held by another worker")
     # n_jobs: -1 becomes one worker per GPU; more workers than GPUs is refused.
-    cfg = _compose("hydra/launcher=joblib_gpus")
+    cfg = compose_train("hydra/launcher=joblib_gpus", hydra=True)
     cb = GpuPerWorker(gpus=[0, 1])
     cb.on_multirun_start(cfg)
     assert cfg.hydra.launcher.n_jobs == 2
     with pytest.raises(ValueError, match=r"hydra.launcher.n_jobs=3 is invalid: expected 1..2"):
         GpuPerWorker(gpus="0,1").on_multirun_start(
-            _compose("hydra/launcher=joblib_gpus", "hydra.launcher.n_jobs=3")
+            compose_train("hydra/launcher=joblib_gpus", "hydra.launcher.n_jobs=3", hydra=True)
         )
 
 
@@ -371,7 +365,7 @@ def test_budget_search_gives_every_method_the_same_qmc_trials(root):
     )  # fmt: skip
     assert_ok(proc)
     parent = _parent(root)
-    cfg = _compose("hparams_search=budget")
+    cfg = compose_train("hparams_search=budget", hydra=True)
     space = OmegaConf.to_container(cfg.hydra.sweeper.space)
     points = qmc_points(space, 2, seed=0)
     children = child_runs(root)

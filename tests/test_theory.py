@@ -28,14 +28,7 @@ from rescalelab.optim.schedules import InverseFactor
 from rescalelab.theory_runs import run_sg
 from tests.helpers import all_runs, assert_ok, child_runs, client, history, run_cli
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only cost time (a lot, on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

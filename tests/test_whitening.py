@@ -452,13 +452,11 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_statistics_are_all_reduced_across_ddp_replicas(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.helpers import free_port  # here: the spawned workers import this module
+
+    port = free_port()
     out = str(tmp_path / "stats")
     mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
     states = [torch.load(f"{out}.{r}") for r in range(2)]

@@ -17,7 +17,7 @@ from rescalelab.models.geometry import LayerGeometry
 from rescalelab.norm import Whitening
 from rescalelab.norm.bn_warmup import BnWarmup
 from rescalelab.norm.whitening import WhitenedLayers
-from tests.helpers import all_runs, assert_ok, run_cli
+from tests.helpers import all_runs, assert_ok, free_port, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -235,13 +235,9 @@ def _min_active_case() -> tuple[nn.Linear, torch.Tensor]:
 
 @pytest.mark.slow
 def test_min_active_counts_the_global_batch_under_ddp(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = str(tmp_path / "stats")
     mp.spawn(_ddp_min_active, args=(2, port, out), nprocs=2, join=True)
     (m0, v0), (m1, v1) = (torch.load(f"{out}.{r}") for r in range(2))

@@ -115,7 +115,7 @@ def train(cfg: DictConfig) -> float | None:
     runner = _build("runner", cfg.runner) if cfg.get("runner") is not None else None
     if runner is not None:
         runner.plan(cfg, parts)
-    tracking = _build("logger", cfg.logger)  # rescalelab.tracking.MlflowTracking
+    tracking = _build("logger", cfg.logger)  # rescalelab.tracking.MlflowRunFactory
     extra_params = {f"data.{k}": v for k, v in parts["datamodule"].describe().items()}
     metric = cfg.get("optimized_metric") or "val/loss"
     skip: dict[str, int] = {}

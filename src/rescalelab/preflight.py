@@ -12,7 +12,7 @@ before it ran and were tracked, the jobs after it never ran. :func:`check_sweep`
 config of *every* job of the basic sweeper's grid and runs the checks the job itself runs
 (:func:`rescalelab.validate.validate`, ``+key`` checks, the launch checks, the store), so a
 bad job stops the sweep before anything is tracked, with one line naming the job and the key.
-It costs one ``compose`` per job (about 0.2 s; Hydra's sweeper composes every job once more
+It costs one ``compose`` per job (as Hydra's sweeper composes every job once more
 before launching). Sweepers that choose their jobs as they go (Optuna) are checked on the
 sweep's own config; each trial is checked again when it starts.
 """
@@ -114,8 +114,8 @@ def check_command_line(argv: list[str]) -> None:
     overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose_or_explain(overrides, hydra_config=True)
-    # A single run's values too: here the answer takes a second; in the job it would come
-    # after the imports of torch, Lightning and MLflow (~7 s). A sweep's jobs are checked
+    # A single run's values too: here the answer comes before the slow imports; in the job it
+    # would come after the imports of torch, Lightning and MLflow. A sweep's jobs are checked
     # one by one by check_sweep.
     if not any(a in MULTIRUN_FLAGS for a in argv) and cfg.hydra.mode != RunMode.MULTIRUN:
         validate(_outside_hydra(cfg))

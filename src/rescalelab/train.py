@@ -1,10 +1,10 @@
 """``rescalelab-train`` / ``python -m rescalelab.train``: compose, validate, then hand over to
 :mod:`rescalelab.fit` (build, track, fit).
 
-This module imports only Hydra, OmegaConf and the checks: torch, Lightning and MLflow (about
-7 s of imports on a 2-core CPU) are imported once :func:`main` has composed the command line and
-checked a single run's values (preflight.py), so a mistyped key or a bad value is answered in
-about a second, with one line and exit status 2, and leaves nothing in the tracking store.
+This module imports only Hydra, OmegaConf and the checks: torch, Lightning and MLflow (most of
+the start-up time) are imported once :func:`main` has composed the command line and
+checked a single run's values (preflight.py), so a mistyped key or a bad value is answered
+before them, with one line and exit status 2, and leaves nothing in the tracking store.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The progress bar: Lightning's Rich bar with its per-batch bookkeeping paced by the clock.
 
 Lightning's ``RichProgressBar`` rebuilds the metrics dict and updates its task on *every*
-training batch (0.1-0.15 ms of Python), although the terminal is redrawn only ``refresh_rate``
-times a second. On a 6 ms CPU step of small_cnn that is 2% of the step, spent on nothing
+training batch (Python work every step), although the terminal is redrawn only ``refresh_rate``
+times a second. On a small CPU step that is a visible share of the step, spent on nothing
 anyone sees. :class:`ProgressBar` does that bookkeeping at most ``refresh_rate`` times a second
 and on the last batch of every epoch, so the bar reads the same.
 """

@@ -78,7 +78,7 @@ class TensorBatches:
         for k in range(start, self._global_batches()):
             block = order[k * gb : (k + 1) * gb]
             idx = block[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-            # index_select, not x[idx]: the same rows, 3-7x faster on CPU (no advanced-indexing
+            # index_select, not x[idx]: the same rows, faster on CPU (no advanced-indexing
             # machinery), which is most of what feeding a small model costs per step.
             xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
             if self.transform is not None:

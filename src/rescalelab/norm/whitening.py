@@ -220,7 +220,7 @@ class WhitenedLayers:
         ``m`` and biased variance ``v``, and ``Σ(x − c) = n (m − c)``, ``Σ(x − c)² = n (v +
         (m − c)²)`` (no input-sized temporary, no host sync). On a CPU, shifted sums over one
         temporary ``x − c``: there torch's ``var_mean`` over the batch (and position) dimensions
-        is 3-10× slower than the subtraction and two sums (measured on small_cnn and AlexNet
+        is several times slower than the subtraction and two sums (measured on small_cnn, AlexNet
         inputs, one thread).
         """
         c = layer.module.rescale_mean  # float32 (the statistics' dtype) unless converted

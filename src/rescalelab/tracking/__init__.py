@@ -1,10 +1,10 @@
 """Everything MLflow: the store, the run of each job, sweep parent runs. Nothing else imports mlflow."""
 
-from rescalelab.tracking.run import MlflowTracking, TrackedRun, flatten, read_parent, run_name
+from rescalelab.tracking.run import MlflowRunFactory, TrackedRun, flatten, read_parent, run_name
 from rescalelab.tracking.store import default_tracking_uri, ensure_experiment
 
 __all__ = [
-    "MlflowTracking",
+    "MlflowRunFactory",
     "TrackedRun",
     "default_tracking_uri",
     "ensure_experiment",

@@ -5,8 +5,8 @@
   ``rescalelab.git_dirty`` (``true``/``false``) with the diff against ``HEAD`` as the artifact
   ``environment/git_diff.patch`` when dirty; ``environment/pip_freeze.txt``: every installed
   distribution as ``name==version`` (``-e <url>`` for editable installs), what ``pip freeze``
-  prints, read in-process from ``importlib.metadata`` (a ``pip freeze`` subprocess costs ~1-3 s
-  per job).
+  prints, read in-process from ``importlib.metadata`` (a ``pip freeze`` subprocess would start
+  pip in every job).
 - **Choices** (:func:`choice_tags`): ``choice.<group>`` for every config group's chosen option
   (``choice.norm=bn``) and ``swept.<key>`` for a sweep child's swept values: tags, which the UI
   shows apart from the ~60 alphabetical params, and which the runs table can show as columns.

@@ -4,9 +4,9 @@
 metrics of one step) joins a FIFO queue that a single background thread delivers with
 ``MlflowClient.log_batch``, oldest first, so training never waits for the store. Deliveries
 are gathered: at most one write every ``batch_seconds`` (sooner when someone waits on
-:meth:`flush`), because a write is mostly fixed cost (a SQLAlchemy transaction, ~5 ms of
-Python that shares the GIL with training) and one per logging step cost 2-3% of a small CPU
-step. A delivery
+:meth:`flush`), because a write is mostly fixed cost (a SQLAlchemy transaction, Python
+that shares the GIL with training) and one per logging step costs a small CPU step a visible
+share (``rescalelab-bench``, row logging). A delivery
 that fails (tracking server unreachable, SQLite busy) stays at the head of the queue and is
 retried every ``retry_seconds``: while the process lives nothing is dropped and the order is
 kept. ``close`` (Lightning's ``finalize``) waits up to ``flush_timeout`` seconds for the queue

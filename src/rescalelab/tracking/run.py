@@ -115,11 +115,18 @@ def read_parent(sweep_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-class MlflowTracking:
-    """``logger=mlflow``: where runs go; a factory of runs, not a Lightning logger.
+class MlflowRunFactory:
+    """What ``logger=mlflow`` builds: the factory of the job's MLflow run, not a Lightning logger.
 
-    ``start`` creates one job's run (:class:`TrackedRun`; :class:`ReplicaRun` on ranks > 0),
-    ``reopen`` continues one; the run's ``logger()`` is the Lightning logger the Trainer gets.
+    The config group is ``logger`` because it says where the metrics go (the keys users type:
+    ``logger.tracking_uri``, ``logger.experiment_name``, ...), but a Lightning logger needs the
+    run it writes into, and that run is created only after the checks and the resume plan.
+    So fit.py builds this factory from ``cfg.logger``; :meth:`start` creates the job's run
+    (:class:`TrackedRun`; :class:`ReplicaRun` on ranks > 0) or :meth:`reopen` continues one, and
+    that run's ``logger()`` is the Lightning logger the Trainer gets::
+
+        conf/logger/mlflow.yaml -> MlflowRunFactory -> .start() / .reopen() -> TrackedRun
+            -> .logger() -> ResilientMLFlowLogger (tracking/resilient.py) -> Trainer(logger=...)
     """
 
     def __init__(

@@ -51,7 +51,7 @@ def sufficient_stats(
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """``(n, S1, S2)`` of ``x`` around ``shift`` (one value per unit), in float32.
 
-    Uses plain sums, not ``torch.var_mean`` (about 10-20x slower on CPU for these shapes).
+    Uses plain sums, not ``torch.var_mean`` (slower on CPU for these shapes).
     """
     x = x.detach()
     if x.dtype != torch.float32:

@@ -1,4 +1,4 @@
-"""Does the input pipeline keep up with training? Images/s delivered vs consumed, one run.
+"""Row 5: does the input pipeline keep up with training? Images/s delivered vs consumed, one run.
 
 For each pipeline it measures, in the same process and on the same device:
 
@@ -17,8 +17,8 @@ pickles, and JPEGs of ImageNet-like size (crops of 300–427 px of real photos).
 of building the cache (decode + resize, images/s) is reported too.
 
     python scripts/bench_data.py                       # CPU, small sizes
-    python -m rescalelab.bench_data --device cuda --json bench_data.json
-    from rescalelab.bench_data import bench; rows = bench("cuda")  # rescalelab-bench's rows
+    python -m rescalelab.bench.data --device cuda --json bench_data.json
+    rescalelab-bench --rows data                       # the same rows in the benchmark's table
 """
 
 from __future__ import annotations
@@ -35,14 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rescalelab.bench.timing import Comparison, sync
 from rescalelab.data import CIFAR10, ImageNetSubset
 from rescalelab.data.fixtures import write_cifar10, write_imagefolder
 from rescalelab.models import AlexNet, SmallCNN
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def delivered_rate(
@@ -62,7 +58,7 @@ def delivered_rate(
                 if transform is not None:
                     x = transform(x)
                 n += len(x)
-        _sync(device)
+        sync(device)
         return n, time.perf_counter() - start
 
     run(1)
@@ -91,11 +87,11 @@ def consumed_rate(
 
     for _ in range(2):
         step()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     return steps * batch / (time.perf_counter() - start)
 
 
@@ -172,6 +168,24 @@ def bench(
         rows.append(_row("imagenet_folder", "alexnet", dev, big_batch, imagenet_images,
                          delivered, consumed, workers=workers))  # fmt: skip
     return rows
+
+
+def data_rows(device: str, quick: bool) -> list[Comparison]:
+    """:func:`bench`'s rows as the benchmark's comparisons (``--quick``: a few images)."""
+    sizes = {"cifar_images": 1000, "imagenet_images": 64, "batch": 8} if quick else {}
+    out = []
+    for r in bench(device, **sizes):
+        c = Comparison(
+            row=f"data/{r['pipeline']} ({r['model']}, batch {r['batch_size']})",
+            unit="img/s",
+            base="consumed",
+            medians={"delivered": r["delivered_img_s"], "consumed": r["consumed_img_s"]},
+            ratios={"delivered": (r["ratio"], r["ratio"], r["ratio"])},
+        )
+        if r["pipeline"] != "imagenet_folder":
+            c.target, c.holds = "delivered / consumed >= 5", r["ratio"] >= 5
+        out.append(c)
+    return out
 
 
 def main() -> None:

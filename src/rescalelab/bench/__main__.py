@@ -1,0 +1,5 @@
+"""``python -m rescalelab.bench``: the ``rescalelab-bench`` command."""
+
+from rescalelab.bench.cli import main
+
+main()
