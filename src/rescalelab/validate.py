@@ -1,28 +1,37 @@
 """Checks on the composed config that run before anything is built or tracked.
 
-Hydra already rejects unknown options and overrides of keys that do not exist. This module
-checks what Hydra cannot: types and ranges of the values (:data:`RULES`, the schema of every
-key of every option: :func:`uncovered_keys` lists keys without a rule, and a test keeps that
-list empty), keys *added* with ``+`` (:func:`check_added_keys`), and combinations. Each failure
-is a :class:`ConfigError` whose one-line message names the key, the value and what is allowed.
-Rules apply when the key exists, so a group option without a key simply has nothing to check;
-``null`` always passes (it means "default" or "off" wherever an option allows it). A rule key
-may hold ``*`` wildcards (``callbacks.*.dirpath``).
+Hydra already rejects unknown options and overrides of keys that do not exist. What Hydra
+cannot check is checked in one place per key:
+
+* a constructor of rescalelab checks its own arguments (:func:`rescalelab.errors.checked`);
+  :func:`check_targets` applies those checks to the config's nodes before anything is built;
+* :data:`RULES` holds the keys that no such constructor owns (trainer, paths, logger, torch's
+  optimizers, which do not speak this contract: ``lr=inf`` passes torch) and the keys of
+  constructors that do not use :func:`~rescalelab.errors.checked` yet (data, model, norm,
+  callbacks); :func:`validate` applies them, with the cross-key checks, without importing
+  torch, so the command line's answer comes in about a second (preflight.py);
+* keys *added* with ``+`` (:func:`check_added_keys`).
+
+:func:`uncovered_keys` lists keys that neither a rule nor their constructor checks, and a test
+keeps that list empty. Each failure is a :class:`ConfigError` whose one-line message names the
+key, the value and what is allowed. Rules apply when the key exists, so a group option without
+a key simply has nothing to check; ``null`` always passes (it means "default" or "off"
+wherever an option allows it). A rule key may hold ``*`` wildcards (``callbacks.*.dirpath``).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 from hydra.utils import get_object
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from rescalelab.errors import ConfigError
+from rescalelab.errors import ConfigError, Expect, check
+from rescalelab.errors import type_ok as _type_ok
 
 
 @dataclass(frozen=True)
@@ -31,10 +40,6 @@ class Rule:
     kind: type | tuple[type, ...]  # int, float, bool, str, list, or a tuple of them
     ok: Callable[[object], bool] = lambda v: True
     allowed: str = ""
-
-
-def positive(kind: type) -> Callable[[object], bool]:
-    return lambda v: v > 0  # type: ignore[operator]
 
 
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")
@@ -65,7 +70,6 @@ RULES: list[Rule] = [
     Rule("optim.lr", float, lambda v: v > 0, "a number > 0"),
     Rule("optim.momentum", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     Rule("optim.weight_decay", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("optim.layer_scale", str, lambda v: v in ("none", "fanin"), "one of: none, fanin"),
     Rule("data.batch_size", int, lambda v: v > 0, "an integer > 0"),
     Rule("data.num_train", int, lambda v: v > 0, "an integer > 0"),
     Rule("data.num_val", int, lambda v: v > 0, "an integer > 0"),
@@ -88,6 +92,11 @@ RULES: list[Rule] = [
     Rule("data.train_eval_size", int, lambda v: v >= 1, "null or an integer >= 1"),
     Rule("norm.lr_after_switch", float, lambda v: v > 0, "a number > 0 or null"),
     Rule("trainer.max_epochs", int, lambda v: v >= 1, "an integer >= 1"),
+    # Lightning's lr_scheduler_config: a plain dict, no constructor of ours checks it
+    Rule(
+        "lr_scheduler_config.interval", str, lambda v: v in ("step", "epoch"), "one of: step, epoch"
+    ),
+    Rule("lr_scheduler_config.frequency", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("logger.system_metrics", float, lambda v: v > 0, "null or a number of seconds > 0"),
     Rule("n_seeds", int, lambda v: v >= 1, "an integer >= 1 (seeds 0..n_seeds-1 of a preset)"),
     Rule("budget_trial", int, lambda v: v >= 0, "an integer >= 0 (set by hparams_search=budget)"),
@@ -96,14 +105,6 @@ RULES: list[Rule] = [
     Rule("optim.alpha", float, lambda v: 0 < v < 1, "a number in (0, 1)"),
     Rule("optim.eps", float, lambda v: v > 0, "a number > 0"),
     Rule("optim.lr_decay", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("optim.decay_exclude", bool, allowed="true or false"),
-    Rule("schedule.mode", str, lambda v: v in ("every", "plateau"), "one of: every, plateau"),
-    Rule("schedule.every", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("schedule.gamma", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("schedule.smoothing", float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    Rule("schedule.patience", int, lambda v: v >= 0, "an integer >= 0"),
-    Rule("schedule.period", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("schedule.min_factor", float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     Rule("data.dim", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("data.cond", float, lambda v: v >= 1, "a number >= 1"),
     Rule("data.lam", float, lambda v: v >= 0, "a number >= 0"),
@@ -181,9 +182,6 @@ RULES: list[Rule] = [
         "a list of 2 numbers in [0, 1)",
     ),
     Rule("optim.initial_accumulator_value", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("schedule.interval", str, lambda v: v in ("step", "epoch"), "one of: step, epoch"),
-    Rule("schedule.frequency", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("schedule.threshold", float, lambda v: v >= 0, "a number >= 0"),
     Rule(
         "trainer.accelerator",
         str,
@@ -286,10 +284,6 @@ RULES: list[Rule] = [
     Rule("optim.shampoo_beta", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     Rule("optim.precondition_frequency", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("optim.max_precond_dim", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("schedule.warmup_epochs", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("schedule.final_factor", float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    Rule("schedule.start_factor", float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    Rule("schedule.steps_per_epoch", int, lambda v: v >= 1, "an integer >= 1 or null"),
     Rule("norm.groups", int, lambda v: v >= 1, "an integer >= 1"),
     Rule("norm.mean_only_bn", bool, allowed="true or false"),
     Rule("norm.r_max", float, lambda v: v >= 1, "a number >= 1"),
@@ -306,19 +300,6 @@ RULES: list[Rule] = [
 STRUCTURAL = ("_target_", "*._target_", "_partial_", "*._partial_")
 
 
-def _type_ok(value: object, kind: type | tuple[type, ...]) -> bool:
-    if isinstance(kind, tuple):
-        return any(_type_ok(value, k) for k in kind)
-    if kind is float:
-        # inf and nan (also 1e400, which YAML reads as inf) are never a valid setting
-        return (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        )
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
 def check_value(
     key: str,
     value: object,
@@ -327,11 +308,7 @@ def check_value(
     allowed: str,
 ) -> None:
     """Raise a one-line :class:`ConfigError` unless ``value`` has type ``kind`` and passes ``ok``."""
-    if isinstance(value, ListConfig):
-        value = OmegaConf.to_container(value, resolve=True)
-    if not _type_ok(value, kind) or not ok(value):
-        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ConfigError(f"{key}={value!r} is invalid: expected {allowed or name}")
+    check(key, value, Expect(kind, ok, allowed))
 
 
 def leaves(cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, object]]:
@@ -365,7 +342,70 @@ def validate(cfg: DictConfig, rules: list[Rule] | None = None) -> None:
     check_global_batch(cfg)
     check_warmup(cfg)
     check_schedule_warmup(cfg)
+    check_optimizer_combinations(cfg)
     check_theory(cfg)
+
+
+def targets(cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, DictConfig, object]]:
+    """``(dotted key, node, object)`` of every node whose ``_target_`` imports here."""
+    for k in cfg:
+        try:
+            child = cfg[k]
+        except Exception:  # noqa: BLE001 - e.g. ${hydra:...} outside a Hydra app, ??? values
+            continue
+        if not isinstance(child, DictConfig) or k == "hydra":
+            continue
+        obj = _target(child.get("_target_"))
+        if obj is not None:
+            yield f"{prefix}{k}", child, obj
+        yield from targets(child, f"{prefix}{k}.")
+
+
+def _target(target: object) -> object | None:
+    """The object a ``_target_`` names; ``None`` if none (instantiate reports an unknown one)."""
+    if target is None:
+        return None
+    try:
+        return get_object(str(target))
+    except Exception:  # noqa: BLE001 - any import failure: instantiate reports it itself
+        return None
+
+
+def constructor_checks(obj: object) -> dict[str, Expect]:
+    """The argument checks a constructor declared with :func:`rescalelab.errors.checked`."""
+    return dict(getattr(obj, "config_checks", None) or {})
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Apply each constructor's own argument checks to its config node, without building it.
+
+    Imports the targets (torch, for the optimizer side): run by the job before it builds, and
+    by the sweep's check of every job (preflight.py), not by the command line's first check.
+    """
+    for key, node, obj in targets(cfg):
+        for name, expect in constructor_checks(obj).items():
+            value = node.get(name)
+            if value is not None and not isinstance(value, DictConfig):
+                check(f"{key}.{name}", value, expect)
+
+
+def check_optimizer_combinations(cfg: DictConfig) -> None:
+    """Combinations the optimizer side would reject only when built, at the start of training:
+    Nesterov momentum without momentum (torch's SGD), and a cosine floor ``final_factor > 0``
+    with per-layer stepsizes (one ``eta_min`` for all groups in torch's CosineAnnealingLR)."""
+    nesterov = OmegaConf.select(cfg, "optim.nesterov", default=None, throw_on_missing=False)
+    momentum = OmegaConf.select(cfg, "optim.momentum", default=None, throw_on_missing=False)
+    if nesterov is True and _type_ok(momentum, float) and momentum <= 0:  # Muon has its own
+        raise ConfigError(
+            f"optim.nesterov=true is invalid with optim.momentum={momentum}: expected momentum > 0"
+        )
+    final = OmegaConf.select(cfg, "schedule.final_factor", default=None, throw_on_missing=False)
+    scale = OmegaConf.select(cfg, "param_groups.layer_scale", default=None)
+    if _type_ok(final, float) and final > 0 and scale == "fanin":
+        raise ConfigError(
+            f"schedule.final_factor={final!r} is invalid with param_groups.layer_scale=fanin: "
+            "expected 0, since torch's CosineAnnealingLR has one eta_min for all groups"
+        )
 
 
 def check_schedule_warmup(cfg: DictConfig) -> None:
@@ -373,8 +413,8 @@ def check_schedule_warmup(cfg: DictConfig) -> None:
     warmup = OmegaConf.select(cfg, "schedule.warmup_epochs", default=None)
     epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
     max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
-    if warmup is None or not isinstance(epochs, int) or max_steps not in (-1, None):
-        return
+    if not _type_ok(warmup, float) or not _type_ok(epochs, int) or max_steps not in (-1, None):
+        return  # a bad warm-up value itself is the schedule constructor's to report
     if warmup >= epochs:
         raise ConfigError(
             f"schedule.warmup_epochs={warmup!r} is invalid with trainer.max_epochs={epochs}: "
@@ -438,8 +478,12 @@ def check_num_classes(cfg: DictConfig, num_classes: int) -> None:
 
 
 def uncovered_keys(cfg: DictConfig, rules: list[Rule] | None = None) -> list[str]:
-    """Leaf keys of ``cfg`` that no rule (and no structural pattern) covers."""
+    """Leaf keys of ``cfg`` that no rule, no constructor's own check and no structural pattern
+    covers."""
     patterns = [r.key for r in (rules if rules is not None else RULES)] + list(STRUCTURAL)
+    patterns += [
+        f"{key}.{name}" for key, _, obj in targets(cfg) for name in constructor_checks(obj)
+    ]
     return [
         k
         for k, v in leaves(cfg)
@@ -449,8 +493,6 @@ def uncovered_keys(cfg: DictConfig, rules: list[Rule] | None = None) -> list[str
 
 
 CONF_DIR = Path(__file__).parent / "conf"
-# Keys of an optim/schedule node that rescalelab consumes before calling the target.
-OWN_KEYS = {"optim": ("layer_scale", "decay_exclude"), "schedule": ("interval", "frequency")}
 
 
 def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
@@ -482,7 +524,6 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
         allowed = _target_params(str(target))
         if allowed is None:  # not importable here, or takes **kwargs
             continue
-        allowed |= set(OWN_KEYS.get(parent, ()))
         if name not in allowed:
             raise ConfigError(
                 f"{key} is not a key of {parent} ({target}): expected one of: "
