@@ -175,7 +175,9 @@ def test_bad_optim_schedule_and_problem_values_are_one_line_errors(overrides, me
 def test_schedule_constructors_check_their_own_arguments():
     """One place per key: the constructor's declaration checks a call and a config alike."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    with pytest.raises(ConfigError, match=r"^schedule.every=0 is invalid: expected an integer >= 1$"):
+    with pytest.raises(
+        ConfigError, match=r"^schedule.every=0 is invalid: expected an integer >= 1$"
+    ):
         halving(opt, every=0)
     with pytest.raises(ConfigError, match=r"^schedule.mode='later' is invalid: expected one of"):
         halving(opt, mode="later")
