@@ -42,6 +42,25 @@ class Rule:
     allowed: str = ""
 
 
+def at_least(key: str, low: int, allowed: str = "") -> Rule:
+    """An integer >= ``low``."""
+    return Rule(key, int, lambda v: v >= low, allowed or f"an integer >= {low}")
+
+
+def number_at_least(key: str, low: float) -> Rule:
+    """A finite number >= ``low``."""
+    return Rule(key, float, lambda v: v >= low, f"a number >= {low}")
+
+
+def above(key: str, low: float) -> Rule:
+    """A finite number > ``low``."""
+    return Rule(key, float, lambda v: v > low, f"a number > {low}")
+
+
+def flag(key: str) -> Rule:
+    return Rule(key, bool, allowed="true or false")
+
+
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")
 
 
@@ -67,62 +86,62 @@ def _numbers(value: object, n: int, ok: Callable[[float], bool]) -> bool:
 RULES: list[Rule] = [
     # numpy and pl.seed_everything take 32-bit seeds
     Rule("seed", int, lambda v: 0 <= v <= 2**32 - 1, "an integer in [0, 4294967295]"),
-    Rule("optim.lr", float, lambda v: v > 0, "a number > 0"),
+    above("optim.lr", 0),
     Rule("optim.momentum", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    Rule("optim.weight_decay", float, lambda v: v >= 0, "a number >= 0"),
+    number_at_least("optim.weight_decay", 0),
     Rule("data.batch_size", int, lambda v: v > 0, "an integer > 0"),
     Rule("data.num_train", int, lambda v: v > 0, "an integer > 0"),
     Rule("data.num_val", int, lambda v: v > 0, "an integer > 0"),
     Rule("data.fraction", float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     Rule("data.val_fraction", float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-    Rule("data.image_size", int, lambda v: v >= 8, "an integer >= 8"),
-    Rule("data.num_workers", int, lambda v: v >= 0, "an integer >= 0"),
-    Rule("data.crop_padding", int, lambda v: v >= 0, "an integer >= 0"),
+    at_least("data.image_size", 8),
+    at_least("data.num_workers", 0),
+    at_least("data.crop_padding", 0),
     Rule("model.dropout", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     Rule("norm.momentum", float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    Rule("norm.eps", float, lambda v: v > 0, "a number > 0"),
-    Rule("norm.interval", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("norm.init_batches", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("norm.warmup_epochs", int, lambda v: v >= 0, "an integer >= 0"),
+    above("norm.eps", 0),
+    at_least("norm.interval", 1),
+    at_least("norm.init_batches", 1),
+    at_least("norm.warmup_epochs", 0),
     Rule(
         "norm.eps_mode", str, lambda v: v in ("absolute", "relative"), "one of: absolute, relative"
     ),
     Rule("norm.max_scale", float, lambda v: v >= 1, "null or a number >= 1"),
     Rule("norm.min_active", float, lambda v: 0 < v <= 1, "null or a fraction in (0, 1]"),
-    Rule("data.train_eval_size", int, lambda v: v >= 1, "null or an integer >= 1"),
+    at_least("data.train_eval_size", 1, "null or an integer >= 1"),
     Rule("norm.lr_after_switch", float, lambda v: v > 0, "a number > 0 or null"),
-    Rule("trainer.max_epochs", int, lambda v: v >= 1, "an integer >= 1"),
+    at_least("trainer.max_epochs", 1),
     # Lightning's lr_scheduler_config: a plain dict, no constructor of ours checks it
     Rule(
         "lr_scheduler_config.interval", str, lambda v: v in ("step", "epoch"), "one of: step, epoch"
     ),
-    Rule("lr_scheduler_config.frequency", int, lambda v: v >= 1, "an integer >= 1"),
+    at_least("lr_scheduler_config.frequency", 1),
     Rule("logger.system_metrics", float, lambda v: v > 0, "null or a number of seconds > 0"),
-    Rule("n_seeds", int, lambda v: v >= 1, "an integer >= 1 (seeds 0..n_seeds-1 of a preset)"),
-    Rule("budget_trial", int, lambda v: v >= 0, "an integer >= 0 (set by hparams_search=budget)"),
-    Rule("trainer.log_every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("trainer.num_nodes", int, lambda v: v >= 1, "an integer >= 1"),
+    at_least("n_seeds", 1, "an integer >= 1 (seeds 0..n_seeds-1 of a preset)"),
+    at_least("budget_trial", 0, "an integer >= 0 (set by hparams_search=budget)"),
+    at_least("trainer.log_every_n_steps", 1),
+    at_least("trainer.num_nodes", 1),
     Rule("optim.alpha", float, lambda v: 0 < v < 1, "a number in (0, 1)"),
-    Rule("optim.eps", float, lambda v: v > 0, "a number > 0"),
-    Rule("optim.lr_decay", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("data.dim", int, lambda v: v >= 1, "an integer >= 1"),
+    above("optim.eps", 0),
+    number_at_least("optim.lr_decay", 0),
+    at_least("data.dim", 1),
     Rule("data.cond", float, lambda v: v >= 1, "a number >= 1"),
-    Rule("data.lam", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("data.noise_std", float, lambda v: v >= 0, "a number >= 0"),
+    number_at_least("data.lam", 0),
+    number_at_least("data.noise_std", 0),
     Rule("data.label_noise", float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
-    Rule("callbacks.theory.every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("callbacks.train_eval.every_n_epochs", int, lambda v: v >= 1, "an integer >= 1"),
+    at_least("callbacks.theory.every_n_steps", 1),
+    at_least("callbacks.train_eval.every_n_epochs", 1),
     Rule(
         "runner",
         str,
         lambda v: False,
         "a node with a _target_ (e.g. experiment=theory_diminishing) or null",
     ),
-    Rule("runner.runs", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("runner.every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("runner.per_decade", int, lambda v: v >= 0, "an integer >= 0"),
+    at_least("runner.runs", 1),
+    at_least("runner.every_n_steps", 1),
+    at_least("runner.per_decade", 0),
     # -- the rest of the schema: every key of every option has a rule (see uncovered_keys) ----
-    Rule("resume", bool, allowed="true or false"),
+    flag("resume"),
     Rule("optimized_metric", str, lambda v: bool(v), "a logged metric such as val/loss"),
     Rule("ckpt_path", str, lambda v: bool(v), "a checkpoint file or null"),
     Rule("paths.*", str, lambda v: bool(v), "a path"),
@@ -130,15 +149,15 @@ RULES: list[Rule] = [
     Rule(
         "logger.tracking_uri", str, _is_uri, "a URI such as sqlite:///<file>.db or http://host:port"
     ),
-    Rule("logger.log_model", bool, allowed="true or false"),
-    Rule("data.seed", int, lambda v: v >= 0, "an integer >= 0"),
-    Rule("data.problem_seed", int, lambda v: v >= 0, "an integer >= 0"),
-    Rule("data.num_classes", int, lambda v: v >= 2, "an integer >= 2"),
-    Rule("data.channels", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("data.field_noise", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("data.pixel_noise", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("data.weight_scale", float, lambda v: v > 0, "a number > 0"),
-    Rule("data.resize_size", int, lambda v: v >= 8, "an integer >= 8 or null"),
+    flag("logger.log_model"),
+    at_least("data.seed", 0),
+    at_least("data.problem_seed", 0),
+    at_least("data.num_classes", 2),
+    at_least("data.channels", 1),
+    number_at_least("data.field_noise", 0),
+    number_at_least("data.pixel_noise", 0),
+    above("data.weight_scale", 0),
+    at_least("data.resize_size", 8, "an integer >= 8 or null"),
     Rule("data.root", str, lambda v: bool(v), "a folder"),
     Rule("data.cache", str, lambda v: bool(v), "a folder or null"),
     Rule("data.cache_dir", str, lambda v: bool(v), "a folder"),
@@ -171,17 +190,17 @@ RULES: list[Rule] = [
             "progress",
         )
     ],
-    Rule("model.bias", bool, allowed="true or false"),
+    flag("model.bias"),
     Rule("model.init", str, lambda v: v in ("zeros", "default"), "one of: zeros, default"),
-    Rule("model.pool_size", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("norm.sync", bool, allowed="true or false"),
+    at_least("model.pool_size", 1),
+    flag("norm.sync"),
     Rule(
         "optim.betas",
         list,
         lambda v: _numbers(v, 2, lambda x: 0 <= x < 1),
         "a list of 2 numbers in [0, 1)",
     ),
-    Rule("optim.initial_accumulator_value", float, lambda v: v >= 0, "a number >= 0"),
+    number_at_least("optim.initial_accumulator_value", 0),
     Rule(
         "trainer.accelerator",
         str,
@@ -200,8 +219,8 @@ RULES: list[Rule] = [
         lambda v: v in (True, False, "warn"),
         "true, false or warn",
     ),
-    Rule("trainer.num_sanity_val_steps", int, lambda v: v >= -1, "an integer >= -1"),
-    Rule("trainer.max_steps", int, lambda v: v >= -1, "an integer >= -1"),
+    at_least("trainer.num_sanity_val_steps", -1),
+    at_least("trainer.max_steps", -1),
     *[
         Rule(f"trainer.{k}", (int, float), _batches_or_fraction, "an integer >= 0 or a fraction")
         for k in ("limit_train_batches", "limit_val_batches", "val_check_interval")
@@ -239,37 +258,37 @@ RULES: list[Rule] = [
     ],
     Rule("callbacks.*.dirpath", str, lambda v: bool(v), "a folder"),
     Rule("callbacks.*.filename", str, lambda v: bool(v) and "/" not in v, "a file name"),
-    Rule("callbacks.progress.refresh_rate", int, lambda v: v >= 0, "an integer >= 0"),
+    at_least("callbacks.progress.refresh_rate", 0),
     Rule(
         "callbacks.checkpoint.monitor", str, lambda v: bool(v), "a logged metric such as val/loss"
     ),
     Rule("callbacks.checkpoint.mode", str, lambda v: v in ("min", "max"), "one of: min, max"),
-    Rule("callbacks.checkpoint.save_top_k", int, lambda v: v >= -1, "an integer >= -1"),
+    at_least("callbacks.checkpoint.save_top_k", -1),
     Rule(
         "callbacks.checkpoint.save_last",
         (bool, str),
         lambda v: v in (True, False, "link"),
         "true, false or link",
     ),
-    Rule("callbacks.*.enable_version_counter", bool, allowed="true or false"),
-    Rule("callbacks.last.every_n_train_steps", int, lambda v: v >= 1, "an integer >= 1 or null"),
-    Rule("callbacks.last.on_signal", bool, allowed="true or false"),
-    Rule("callbacks.last.flush_timeout", float, lambda v: v >= 0, "a number >= 0"),
+    flag("callbacks.*.enable_version_counter"),
+    at_least("callbacks.last.every_n_train_steps", 1, "an integer >= 1 or null"),
+    flag("callbacks.last.on_signal"),
+    number_at_least("callbacks.last.flush_timeout", 0),
     Rule("callbacks.guard.max_factor", float, lambda v: v > 1, "a number > 1 or null"),
-    Rule("callbacks.guard.check_every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("callbacks.theory.per_decade", int, lambda v: v >= 0, "an integer >= 0"),
-    Rule("callbacks.drift.dense_steps", int, lambda v: v >= 0, "an integer >= 0"),
+    at_least("callbacks.guard.check_every_n_steps", 1),
+    at_least("callbacks.theory.per_decade", 0),
+    at_least("callbacks.drift.dense_steps", 0),
     Rule("callbacks.drift.metrics", str, lambda v: v in ("compact", "all"), "one of: compact, all"),
-    Rule("callbacks.bn_warmup.window", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("callbacks.stepsizes.var_threshold", float, lambda v: v > 0, "a number > 0"),
-    Rule("callbacks.stepsizes.per_step", bool, allowed="true or false"),
-    Rule("callbacks.bn_warmup.extra_steps", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("callbacks.drift.per_decade", float, lambda v: v > 0, "a number > 0"),
-    Rule("callbacks.drift.every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("callbacks.drift.probe_size", int, lambda v: v >= 0, "an integer >= 0"),
-    Rule("callbacks.drift.probe_batch_size", int, lambda v: v >= 1, "an integer >= 1 or null"),
-    Rule("callbacks.drift.probe_every", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("callbacks.drift.probe_epochs", int, lambda v: v >= 0, "an integer >= 0"),
+    at_least("callbacks.bn_warmup.window", 1),
+    above("callbacks.stepsizes.var_threshold", 0),
+    flag("callbacks.stepsizes.per_step"),
+    at_least("callbacks.bn_warmup.extra_steps", 1),
+    above("callbacks.drift.per_decade", 0),
+    at_least("callbacks.drift.every_n_steps", 1),
+    at_least("callbacks.drift.probe_size", 0),
+    at_least("callbacks.drift.probe_batch_size", 1, "an integer >= 1 or null"),
+    at_least("callbacks.drift.probe_every", 1),
+    at_least("callbacks.drift.probe_epochs", 0),
     *[
         Rule(f"callbacks.drift.{k}", float, lambda v: v > 0, "a number > 0")
         for k in ("settle_threshold", "settle_threshold_logvar", "lag_steps_max_se", "eps")
@@ -279,21 +298,21 @@ RULES: list[Rule] = [
         for k in ("track_bn", "arrays", "figures")
     ],
     # -- the comparison baselines (docs/baselines.md) ----------------------------------------
-    Rule("optim.nesterov", bool, allowed="true or false"),
-    Rule("optim.compile", bool, allowed="true or false"),
+    flag("optim.nesterov"),
+    flag("optim.compile"),
     Rule("optim.shampoo_beta", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    Rule("optim.precondition_frequency", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("optim.max_precond_dim", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("norm.groups", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("norm.mean_only_bn", bool, allowed="true or false"),
+    at_least("optim.precondition_frequency", 1),
+    at_least("optim.max_precond_dim", 1),
+    at_least("norm.groups", 1),
+    flag("norm.mean_only_bn"),
     Rule("norm.r_max", float, lambda v: v >= 1, "a number >= 1"),
-    Rule("norm.d_max", float, lambda v: v >= 0, "a number >= 0"),
+    number_at_least("norm.d_max", 0),
     *[
         Rule(f"norm.{k}", int, lambda v: v >= 0, "an integer >= 0")
         for k in ("relax_start", "r_relax_steps", "d_relax_steps")
     ],
-    Rule("model.blocks", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("model.width", int, lambda v: v >= 1, "an integer >= 1"),
+    at_least("model.blocks", 1),
+    at_least("model.width", 1),
     Rule("model.shortcut", str, lambda v: v in ("projection", "pad"), "one of: projection, pad"),
 ]
 # Structural keys: checked by instantiate itself ("Error locating target ...").
