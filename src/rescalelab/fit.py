@@ -78,9 +78,11 @@ def build_components(cfg: DictConfig) -> dict[str, Any]:
         )
     geometry = layer_geometry(model, datamodule.input_shape)
     norm.prepare(model, datamodule.input_shape)
+    # Partials (optimizer, schedule, groups): Lightning calls them once, in configure_optimizers.
+    optimizer, schedule = _build("optim", cfg.optim), _build("schedule", cfg.schedule)
     module = Classifier(
-        model, datamodule.num_classes, _build("optim", cfg.optim), _build("schedule", cfg.schedule),
-        norm, geometry, groups=_build("param_groups", cfg.param_groups),
+        model, datamodule.num_classes, optimizer, schedule, norm, geometry,
+        groups=_build("param_groups", cfg.param_groups),
         lr_scheduler_config=OmegaConf.to_container(cfg.lr_scheduler_config, resolve=True),
     )  # fmt: skip
     callbacks = [
