@@ -18,11 +18,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from rescalelab.data.convex import LogisticData, QuadraticData
-from rescalelab.errors import ConfigError
+from rescalelab.errors import ConfigError, Expect, checked
 from rescalelab.models import SmallCNN, layer_geometry
 from rescalelab.optim import build_optimizer, build_scheduler
 from rescalelab.optim.schedules import SmoothedPlateau, halving
-from rescalelab.validate import RULES, check_targets, uncovered_keys, validate
+from rescalelab.validate import RULES, check_targets, constructor_checks, uncovered_keys, validate
 from tests.helpers import all_runs, assert_ok, history, run_cli
 
 BASE = ["paths.root=/tmp/rescalelab-compose", "paths.output_dir=/tmp/rescalelab-compose/out"]
@@ -189,6 +189,20 @@ def test_schedule_constructors_check_their_own_arguments():
     # the constructor's declaration covers its keys for the schema test, with no rule
     assert uncovered_keys(cfg) == []
     assert "schedule.every" not in {r.key for r in RULES}
+
+
+def test_a_class_declares_its_checks_on_its_init():
+    """What data/model/norm constructors can adopt: the check on a call and in check_targets."""
+
+    class Plug:
+        @checked("norm", eps=Expect(float, lambda v: v > 0, "a number > 0"))
+        def __init__(self, eps: float = 1e-5) -> None:
+            self.eps = eps
+
+    with pytest.raises(ConfigError, match=r"^norm.eps=0 is invalid: expected a number > 0$"):
+        Plug(eps=0)
+    assert Plug(eps=0.1).eps == 0.1
+    assert set(constructor_checks(Plug)) == {"eps"}
 
 
 class CountingSGD(torch.optim.SGD):

@@ -391,8 +391,12 @@ def _target(target: object) -> object | None:
 
 
 def constructor_checks(obj: object) -> dict[str, Expect]:
-    """The argument checks a constructor declared with :func:`rescalelab.errors.checked`."""
-    return dict(getattr(obj, "config_checks", None) or {})
+    """The argument checks a constructor declared with :func:`rescalelab.errors.checked`: on a
+    function, or on a class's ``__init__``."""
+    own = getattr(obj, "config_checks", None)
+    if own is None and isinstance(obj, type):
+        own = getattr(obj.__init__, "config_checks", None)
+    return dict(own or {})
 
 
 def check_targets(cfg: DictConfig) -> None:
