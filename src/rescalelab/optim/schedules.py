@@ -3,7 +3,7 @@
 Every schedule here multiplies each group's *initial* lr by the same factor, so the per-layer
 scales of ``param_groups.layer_scale`` survive any schedule: group ``l`` uses
 ``α_k · (share_l × fanin_l)^(-1/2)``. ``k`` counts scheduler steps from 0 (optimizer steps, or
-epochs with ``lr_scheduler_config.interval=epoch``); ``α_0 = optim.lr`` is the first stepsize used.
+epochs with ``lr_scheduler_config.interval=epoch``); ``α_0 = optim.lr`` is the first stepsize.
 
 * ``constant``  α_k = α                                          (Theorem 4.6)
 * ``halving``   α_k = α · 2^(-⌊k/T⌋), or ÷2 whenever the smoothed training loss stops decreasing
@@ -225,8 +225,9 @@ def warmup_cosine(
     whole run); both are filled in by ``build_scheduler`` when null. Built from torch's
     schedulers: ``LinearLR(s, 1, W)`` then ``CosineAnnealingLR(P − W, η_min = f·α)``, joined
     by ``SequentialLR`` at milestone W. torch's ``η_min`` is one number for all groups, so
-    ``final_factor > 0`` needs one base stepsize in every group (``param_groups.layer_scale=none``);
-    with ``final_factor = 0`` every group's stepsize is its own base times the same factor.
+    ``final_factor > 0`` needs one base stepsize in every group
+    (``param_groups.layer_scale=none``); with ``final_factor = 0`` every group's stepsize is
+    its own base times the same factor.
     """
     dry = period is None or steps_per_epoch is None  # a run of unknown length: no warm-up
     period = 2 if period is None else int(period)
