@@ -56,7 +56,11 @@ CASES: list[tuple[list[str], str]] = [
     (["trainer.deterministic=maybe"], "trainer.deterministic='maybe' is invalid: expected true"),
     (["trainer=gpu", "trainer.precision=8-bit"], "trainer.precision='8-bit' is invalid: expected one of: 32-true"),
     (["optim.momentum=1.5"], "optim.momentum=1.5 is invalid: expected a number in [0, 1)"),
-    (["optim.layer_scale=wide"], "optim.layer_scale='wide' is invalid: expected one of: none, fanin"),
+    (["param_groups.layer_scale=wide"], "param_groups.layer_scale='wide' is invalid: expected one of: none, fanin"),
+    # a constructor's own checks (rescalelab.errors.checked), also on every job of a sweep
+    (["schedule=halving", "schedule.every=0"], "error: schedule.every=0 is invalid: expected an integer >= 1"),
+    (["-m", "schedule=halving", "schedule.every=10,0"], "error: job 1 (schedule.every=0): schedule.every=0 is invalid"),
+    (["optim.nesterov=true"], "error: optim.nesterov=true is invalid with optim.momentum=0.0: expected momentum > 0"),
     (["data.batch_size=100000"], "data.batch_size=100000 is invalid: expected <= data.num_train=512"),
     (["data.field_noise=loud"], "data.field_noise='loud' is invalid: expected a number >= 0"),
     # unknown option, unknown keys (overridden, or added with +): Hydra's words, on one line
@@ -225,7 +229,7 @@ def test_every_key_of_every_option_has_a_rule(group, option):
     with initialize_config_module("rescalelab.conf", version_base="1.3"):
         cfg = compose("train", overrides=[*BASE, f"{group}={option}"])
     missing = uncovered_keys(cfg)
-    assert not missing, f"add a Rule to rescalelab.validate.RULES for: {missing}"
+    assert not missing, f"check these in their constructor (errors.checked) or RULES: {missing}"
 
 
 def test_rules_check_type_range_and_wildcards():

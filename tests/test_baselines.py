@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from torch import nn
 
 from rescalelab.models import ResNet20, SmallCNN, layer_geometry
@@ -35,7 +36,9 @@ def _data(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _sgd_steps(model: nn.Module, cfg, steps: int = 3) -> torch.optim.Optimizer:
-    opt = build_optimizer(cfg.optim, model, layer_geometry(model, SHAPE))
+    opt = build_optimizer(
+        instantiate(cfg.optim), instantiate(cfg.param_groups), model, layer_geometry(model, SHAPE)
+    )
     for k in range(steps):
         x, y = _data(seed=k)
         opt.zero_grad()
@@ -47,7 +50,7 @@ def _sgd_steps(model: nn.Module, cfg, steps: int = 3) -> torch.optim.Optimizer:
 # -- weight normalization ------------------------------------------------------------------------
 def test_weight_norm_keeps_each_units_norm_equal_to_its_gain_while_training():
     cfg = compose_train("method=weightnorm", "optim.lr=0.5", "optim.weight_decay=0.01",
-                        "optim.decay_exclude=true", check=True)  # fmt: skip
+                        "param_groups.decay_exclude=true", check=True)  # fmt: skip
     torch.manual_seed(0)
     plug = WeightNorm()
     model = SmallCNN(SHAPE, 10, norm=plug)
@@ -167,8 +170,8 @@ def test_adamw_decays_the_weights_apart_from_the_gradient():
         model.weight.copy_(torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -4.0]]))
         model.bias.copy_(torch.tensor([2.0, -1.0]))
     cfg = compose_train("optim=adamw", f"optim.lr={lr}", f"optim.weight_decay={wd}",
-                        "optim.decay_exclude=true", check=True)  # fmt: skip
-    opt = build_optimizer(cfg.optim, model, None)
+                        "param_groups.decay_exclude=true", check=True)  # fmt: skip
+    opt = build_optimizer(instantiate(cfg.optim), instantiate(cfg.param_groups), model, None)
     assert type(opt) is torch.optim.AdamW
     w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
     grads = []
@@ -210,7 +213,7 @@ def test_sgd_honours_nesterov():
     w = nn.Parameter(torch.tensor([1.0, -2.0]))
     model = nn.Module()
     model.register_parameter("w", w)
-    opt = build_optimizer(cfg.optim, model, None)
+    opt = build_optimizer(instantiate(cfg.optim), instantiate(cfg.param_groups), model, None)
     assert all(g["nesterov"] for g in opt.param_groups)
     p, buf = w.detach().clone(), None
     for _ in range(3):
@@ -222,14 +225,18 @@ def test_sgd_honours_nesterov():
         opt.step()
         torch.testing.assert_close(w.detach(), p)
     heavy = compose_train("optim=sgd", "optim.lr=0.1", "optim.momentum=0.9", check=True)
-    assert not build_optimizer(heavy.optim, model, None).param_groups[0]["nesterov"]
+    assert not build_optimizer(
+        instantiate(heavy.optim), instantiate(heavy.param_groups), model, None
+    ).param_groups[0]["nesterov"]
 
 
 def test_muon_orthogonalizes_matrices_and_steps_vectors_with_adamw():
     cfg = compose_train("method=muon", "optim.lr=0.01", check=True)
     torch.manual_seed(0)
     model = SmallCNN(SHAPE, 10)
-    opt = build_optimizer(cfg.optim, model, layer_geometry(model, SHAPE))
+    opt = build_optimizer(
+        instantiate(cfg.optim), instantiate(cfg.param_groups), model, layer_geometry(model, SHAPE)
+    )
     assert type(opt).__name__ == "Muon"
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     x, y = _data()
@@ -271,7 +278,9 @@ def test_warmup_cosine_follows_its_closed_form(overrides, groups, warmup, final)
     start = cfg.schedule.start_factor
     params = [nn.Parameter(torch.zeros(1)) for _ in groups]
     opt = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, groups)])
-    sched = build_scheduler(cfg.schedule, opt, total_steps=40, total_epochs=4)["scheduler"]
+    sched = build_scheduler(instantiate(cfg.schedule), opt, total_steps=40, total_epochs=4)[
+        "scheduler"
+    ]
     for k in range(40):  # every step, the milestone and the last one included
         want = _closed_form(k, warmup, 40, start, final)
         for g, base in zip(opt.param_groups, groups):
@@ -297,7 +306,7 @@ def test_warmup_cosine_refuses_what_it_cannot_do():
         check=True,
     )
     with pytest.raises(ConfigError, match="schedule.final_factor=0.1 is invalid with per-group"):
-        build_scheduler(cfg.schedule, opt, total_steps=40, total_epochs=4)
+        build_scheduler(instantiate(cfg.schedule), opt, total_steps=40, total_epochs=4)
 
 
 # -- ResNet-20 ---------------------------------------------------------------------------------------

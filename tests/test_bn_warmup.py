@@ -4,13 +4,13 @@ whitened phase, and the CLI logs the switch."""
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, StepLR
 
@@ -193,10 +193,8 @@ def _fit(tmp: Path, max_epochs: int, ckpt_path: str | None = None):
     model = SmallCNN(SHAPE, 10, plug)
     geometry = layer_geometry(model, SHAPE)
     plug.prepare(model, SHAPE)
-    optim = OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1,
-                              "momentum": 0.9, "layer_scale": "none"})  # fmt: skip
-    schedule = OmegaConf.create({"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True,
-                                 "step_size": 3, "gamma": 0.8, "interval": "step"})  # fmt: skip
+    optim = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+    schedule = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=3, gamma=0.8)
     module = Classifier(model, 10, optim, schedule, plug, geometry)
     recorder = Recorder()
     trainer = pl.Trainer(

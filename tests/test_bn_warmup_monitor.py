@@ -3,6 +3,7 @@ training loss the run logged, the drift records, and an exact computation on giv
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytorch_lightning as pl
-from omegaconf import OmegaConf
+import torch
 
 from rescalelab.callbacks.bn_warmup import BNWarmupMonitor
 from rescalelab.callbacks.drift import DriftMonitor
@@ -20,6 +21,7 @@ from rescalelab.errors import ConfigError
 from rescalelab.models import SmallCNN
 from rescalelab.module import Classifier
 from rescalelab.norm import BatchNorm
+from rescalelab.optim.schedules import constant
 from tests.helpers import all_runs, assert_ok, child_runs, cli_env, client, history, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,10 +134,8 @@ def test_without_a_warmup_the_monitor_logs_nothing_and_bad_settings_fail():
     pl.seed_everything(0, verbose=False)
     data = SyntheticImages(num_train=128, num_val=32, batch_size=32)
     plug = BatchNorm()
-    optim = OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05})
-    sched = OmegaConf.create(
-        {"_target_": "rescalelab.optim.schedules.constant", "_partial_": True, "interval": "step"}
-    )
+    optim = functools.partial(torch.optim.SGD, lr=0.05)
+    sched = constant
     module = Classifier(SmallCNN(data.input_shape, 10, norm=plug), 10, optim, sched, plug)
     monitor = BNWarmupMonitor()
     trainer = pl.Trainer(

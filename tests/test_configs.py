@@ -56,20 +56,33 @@ def test_every_group_option_composes_and_instantiates(group, option):
         assert out.shape == (2, data.num_classes)
     elif group == "norm":
         assert instantiate(node).name
-    elif group == "optim":
-        opt = instantiate(
-            {k: v for k, v in node.items() if k not in ("layer_scale", "decay_exclude")}
-        )
-        assert isinstance(opt([torch.nn.Parameter(torch.zeros(1))]), torch.optim.Optimizer)
-    elif group == "schedule":
-        from rescalelab.optim import build_scheduler
-
+    elif group == "optim":  # a plain torch partial, built as written
+        opt = instantiate(node)([torch.nn.Parameter(torch.zeros(1))])
+        assert isinstance(opt, torch.optim.Optimizer)
+        assert opt.param_groups[0]["lr"] == node.lr
+    elif group == "schedule":  # a plain partial f(optimizer) -> LRScheduler
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-        assert build_scheduler(node, opt)["interval"] in ("step", "epoch")
+        assert isinstance(instantiate(node)(opt), torch.optim.lr_scheduler.LRScheduler)
     elif group == "trainer":
         import pytorch_lightning as pl
 
         assert isinstance(instantiate(node, logger=False), pl.Trainer)
+
+
+@pytest.mark.parametrize("method", [p.stem for p in sorted((CONF / "method").glob("*.yaml"))])
+def test_param_groups_node_builds_the_groups_as_written(method):
+    """``param_groups`` is a plain partial f(model, geometry) -> groups; a method sets its keys."""
+    from rescalelab.models import SmallCNN, layer_geometry
+
+    cfg = _compose(f"method={method}")
+    validate(cfg)
+    assert "layer_scale" not in cfg.optim and "decay_exclude" not in cfg.optim
+    model = SmallCNN((3, 32, 32), 10)
+    groups = instantiate(cfg.param_groups)(model, layer_geometry(model, (3, 32, 32)))
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    fanin = cfg.param_groups.layer_scale == "fanin"
+    assert any(g["lr_scale"] != 1.0 for g in groups) == fanin
+    assert any(g.get("weight_decay") == 0.0 for g in groups) == cfg.param_groups.decay_exclude
 
 
 def test_every_trainer_option_is_built_by_the_one_factory():

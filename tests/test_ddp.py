@@ -410,7 +410,7 @@ def test_channels_last_converts_conv_weights_before_ddp_wraps():
     trainer = instantiate(cfg.trainer, logger=False)
     (cb,) = [c for c in trainer.callbacks if isinstance(c, ChannelsLast)]
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
-    module = Classifier(model, 2, cfg.optim, cfg.schedule)
+    module = Classifier(model, 2, instantiate(cfg.optim), instantiate(cfg.schedule))
     assert not model[0].weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 6, 6)
     want = module(x)

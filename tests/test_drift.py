@@ -5,6 +5,7 @@ concatenated batch, dead units, the schedule and the figures."""
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Callable
@@ -317,20 +318,17 @@ def _hooks(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def _tiny_fit(callbacks: list, seed: int = 0, norm: str = "bn", epochs: int = 2) -> nn.Module:
-    from omegaconf import OmegaConf
-
     from rescalelab.data import SyntheticImages
     from rescalelab.module import Classifier
+    from rescalelab.optim.schedules import constant
 
     pl.seed_everything(seed, verbose=False)
     data = SyntheticImages(num_train=256, num_val=64, batch_size=32, seed=seed)
     plug = BatchNorm() if norm == "bn" else Whitening()
     model = SmallCNN(data.input_shape, 10, norm=plug)
     plug.prepare(model, data.input_shape)
-    optim = OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05})
-    sched = OmegaConf.create(
-        {"_target_": "rescalelab.optim.schedules.constant", "_partial_": True, "interval": "step"}
-    )
+    optim = functools.partial(torch.optim.SGD, lr=0.05)
+    sched = constant
     module = Classifier(model, 10, optim, sched, plug)
     hooks_before = _hooks(model)
     trainer = pl.Trainer(

@@ -8,17 +8,20 @@ variant of ``halving`` inside Lightning.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from rescalelab.data.convex import LogisticData, QuadraticData
-from rescalelab.errors import ConfigError
+from rescalelab.errors import ConfigError, Expect, checked
 from rescalelab.models import SmallCNN, layer_geometry
 from rescalelab.optim import build_optimizer, build_scheduler
-from rescalelab.optim.schedules import SmoothedPlateau
-from rescalelab.validate import validate
+from rescalelab.optim.schedules import SmoothedPlateau, halving
+from rescalelab.validate import RULES, check_targets, constructor_checks, uncovered_keys, validate
 from tests.helpers import all_runs, assert_ok, compose_train, history, run_cli
 
 FAMILIES = {
@@ -27,6 +30,18 @@ FAMILIES = {
     "adam": torch.optim.Adam,
     "adagrad": torch.optim.Adagrad,
 }
+
+
+
+
+def _optimizer(cfg, model, geometry):
+    """What the LightningModule does with the built partials of ``optim`` and ``param_groups``."""
+    return build_optimizer(instantiate(cfg.optim), instantiate(cfg.param_groups), model, geometry)
+
+
+def _scheduler(cfg, opt, **length):
+    config = OmegaConf.to_container(cfg.lr_scheduler_config)
+    return build_scheduler(instantiate(cfg.schedule), opt, config, **length)
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +54,12 @@ def cnn():
 def test_every_family_gets_per_layer_stepsizes_and_decay_groups(family, cnn):
     model, geometry = cnn
     cfg = compose_train(
-        f"optim={family}", "optim.lr=0.01", "optim.layer_scale=fanin",
-        "optim.decay_exclude=true", "optim.weight_decay=0.001",
+        f"optim={family}", "optim.lr=0.01", "param_groups.layer_scale=fanin",
+        "param_groups.decay_exclude=true", "optim.weight_decay=0.001",
     )  # fmt: skip
     validate(cfg)
-    opt = build_optimizer(cfg.optim, model, geometry)
+    check_targets(cfg)
+    opt = _optimizer(cfg, model, geometry)
     assert type(opt) is FAMILIES[family]
     groups = {g["name"]: g for g in opt.param_groups}
     assert len(geometry) == 5  # small_cnn: conv1, conv2, fc84, fc16, fc10
@@ -56,9 +72,7 @@ def test_every_family_gets_per_layer_stepsizes_and_decay_groups(family, cnn):
         assert [p is layer.weight for p in decayed["params"]] == [True]
         assert [p is layer.bias for p in plain["params"]] == [True]
     # one common stepsize and decay on everything with the defaults
-    plain_opt = build_optimizer(
-        compose_train(f"optim={family}", "optim.lr=0.01").optim, model, geometry
-    )
+    plain_opt = _optimizer(compose_train(f"optim={family}", "optim.lr=0.01"), model, geometry)
     assert {g["lr"] for g in plain_opt.param_groups} == {0.01}
     assert sum(len(g["params"]) for g in plain_opt.param_groups) == len(list(model.parameters()))
 
@@ -90,10 +104,8 @@ def test_schedules_multiply_every_groups_stepsize_by_the_same_factor(name, overr
     validate(cfg)
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.1 * 0.25}])
-    sched = build_scheduler(cfg.schedule, opt, total_steps=40, total_epochs=2)
-    # A constant is stepped per epoch: a per-step call would cost time and change nothing.
-    assert sched["interval"] == ("epoch" if name == "constant" else "step")
-    assert sched["frequency"] == 1
+    sched = _scheduler(cfg, opt, total_steps=40, total_epochs=2)
+    assert (sched["interval"], sched["frequency"]) == ("step", 1)  # lr_scheduler_config
     for k in range(60):
         lr0, lr1 = (g["lr"] for g in opt.param_groups)
         assert lr0 == pytest.approx(0.1 * _factor(name, k, **kw), rel=1e-12, abs=1e-15)
@@ -133,6 +145,10 @@ def test_plateau_halving_waits_for_the_smoothed_loss_to_stop_decreasing():
     ("overrides", "message"),
     [
         (["schedule=halving", "schedule.mode=sometimes"], "schedule.mode='sometimes' is invalid"),
+        (["optim.nesterov=true"], "optim.nesterov=true is invalid with optim.momentum=0.0"),
+        (["schedule=warmup_cosine", "schedule.final_factor=0.1", "param_groups.layer_scale=fanin"],
+         "schedule.final_factor=0.1 is invalid with param_groups.layer_scale=fanin"),
+        (["param_groups.decay_exclude=1"], "param_groups.decay_exclude=1 is invalid: expected true"),
         (["schedule=inverse", "schedule.gamma=-1"], "schedule.gamma=-1 is invalid"),
         (["schedule=cosine", "schedule.min_factor=2"], "schedule.min_factor=2 is invalid"),
         (["optim=rmsprop", "optim.alpha=1.5"], "optim.alpha=1.5 is invalid"),
@@ -146,8 +162,78 @@ def test_plateau_halving_waits_for_the_smoothed_loss_to_stop_decreasing():
     ],
 )  # fmt: skip
 def test_bad_optim_schedule_and_problem_values_are_one_line_errors(overrides, message):
+    cfg = compose_train(*overrides)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        validate(compose_train(*overrides))
+        validate(cfg)
+        check_targets(cfg)  # the schedule constructors' own checks, on the config, unbuilt
+
+
+def test_schedule_constructors_check_their_own_arguments():
+    """One place per key: the constructor's declaration checks a call and a config alike."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(
+        ConfigError, match=r"^schedule.every=0 is invalid: expected an integer >= 1$"
+    ):
+        halving(opt, every=0)
+    with pytest.raises(ConfigError, match=r"^schedule.mode='later' is invalid: expected one of"):
+        halving(opt, mode="later")
+    # validate (the rules, torch-free) does not know schedule keys; check_targets does
+    cfg = compose_train("schedule=halving", "schedule.every=0")
+    validate(cfg)
+    with pytest.raises(ConfigError, match=r"^schedule.every=0 is invalid"):
+        check_targets(cfg)
+    # the constructor's declaration covers its keys for the schema test, with no rule
+    assert uncovered_keys(cfg) == []
+    assert "schedule.every" not in {r.key for r in RULES}
+
+
+def test_a_class_declares_its_checks_on_its_init():
+    """What data/model/norm constructors can adopt: the check on a call and in check_targets."""
+
+    class Plug:
+        @checked("norm", eps=Expect(float, lambda v: v > 0, "a number > 0"))
+        def __init__(self, eps: float = 1e-5) -> None:
+            self.eps = eps
+
+    with pytest.raises(ConfigError, match=r"^norm.eps=0 is invalid: expected a number > 0$"):
+        Plug(eps=0)
+    assert Plug(eps=0.1).eps == 0.1
+    assert set(constructor_checks(Plug)) == {"eps"}
+
+
+class CountingSGD(torch.optim.SGD):
+    """torch's SGD that counts its constructions (the "built once" check)."""
+
+    built = 0
+
+    def __init__(self, params, **kwargs):
+        type(self).built += 1
+        super().__init__(params, **kwargs)
+
+
+def test_the_optimizer_is_built_once_by_lightning(tmp_path):
+    """build_components hands the module partials (no dry-run optimizer); fit builds one."""
+    import pytorch_lightning as pl
+
+    from rescalelab.fit import build_components
+
+    cfg = compose_train(
+        f"optim._target_={__name__}.CountingSGD", "data.num_train=64", "data.num_val=32",
+        "data.batch_size=32", "callbacks=none",
+    )  # fmt: skip
+    CountingSGD.built = 0
+    parts = build_components(cfg)
+    assert CountingSGD.built == 0
+    module = parts["module"]
+    assert isinstance(module.make_optimizer, functools.partial)
+    assert module.make_optimizer.func is CountingSGD
+    trainer = pl.Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=parts["datamodule"])
+    assert CountingSGD.built == 1
+    assert isinstance(trainer.optimizers[0], CountingSGD)
 
 
 def test_convex_problem_arguments_are_checked_when_built():
@@ -161,7 +247,7 @@ def test_convex_problem_arguments_are_checked_when_built():
 def test_adam_with_cosine_and_fanin_logs_each_layers_stepsize(root, cnn):
     _, geometry = cnn
     proc = run_cli(
-        root, "optim=adam", "optim.lr=0.002", "optim.layer_scale=fanin", "schedule=cosine"
+        root, "optim=adam", "optim.lr=0.002", "param_groups.layer_scale=fanin", "schedule=cosine"
     )
     assert_ok(proc)
     (run,) = all_runs(root)

@@ -56,12 +56,12 @@ def test_installed_plugin_is_found_and_adds_its_options(plugin_site, monkeypatch
     assert cfg.optim._target_ == "rescalelab_example_plugin.optim.SignSGD"
     # The plugin's classes work like built-in ones: same constructor contract, same groups.
     from rescalelab.norm import BatchNorm
-    from rescalelab.optim import build_optimizer
+    from rescalelab.optim import build_optimizer, param_groups
 
     model = instantiate(cfg.model, input_shape=(3, 8, 8), num_classes=10, norm=BatchNorm())
     assert model(torch.zeros(4, 3, 8, 8)).shape == (4, 10)
     assert isinstance(model.net[2], torch.nn.BatchNorm1d)  # the norm plug after the hidden layer
-    opt = build_optimizer(cfg.optim, model, None)
+    opt = build_optimizer(instantiate(cfg.optim), param_groups, model, None)
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.randn(4, 3, 8, 8)).square().sum().backward()
     opt.step()

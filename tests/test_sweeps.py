@@ -135,7 +135,7 @@ def test_method_presets_set_norm_optimizer_and_layer_scale():
         assert (cfg.norm._target_.rsplit(".", 1)[1], cfg.optim._target_.rsplit(".", 1)[1]) == (
             norm, optim,
         ), method  # fmt: skip
-        assert cfg.optim.layer_scale == scale
+        assert cfg.param_groups.layer_scale == scale
     # The command line still wins over a method's choices.
     assert compose_train("method=bn", "norm=none", hydra=True).norm._target_.endswith("NoNorm")
 

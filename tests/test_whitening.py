@@ -4,6 +4,7 @@ share × fanin, the fan-in stepsizes, a learning comparison and the CLI end to e
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -238,15 +239,13 @@ def test_beta_of_small_cnn_from_share_and_fanin_by_hand():
 
 
 def test_layer_scale_fanin_gives_each_layer_base_times_inverse_sqrt_share_fanin():
-    from rescalelab.optim import build_optimizer  # imports Lightning: not in DDP workers
+    from rescalelab.optim import build_optimizer, param_groups  # imports Lightning: not in DDP
 
     model = SmallCNN((3, 32, 32), 10)
     geometry = layer_geometry(model, (3, 32, 32))
-    cfg = OmegaConf.create(
-        {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.2, "momentum": 0.0,
-         "weight_decay": 0.0, "layer_scale": "fanin", "decay_exclude": False}
-    )  # fmt: skip
-    opt = build_optimizer(cfg, model, geometry)
+    sgd = functools.partial(torch.optim.SGD, lr=0.2, momentum=0.0, weight_decay=0.0)
+    groups = functools.partial(param_groups, layer_scale="fanin", decay_exclude=False)
+    opt = build_optimizer(sgd, groups, model, geometry)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert set(lrs) == set(SMALL_CNN)
     for name, (share, fanin) in SMALL_CNN.items():

@@ -137,7 +137,8 @@ def check_launch(cfg: DictConfig) -> None:
             f"trainer.precision={t.get('precision')} is invalid on a CPU: float16 AMP needs a "
             "GPU (Lightning would silently train in bf16-mixed); expected 32-true or bf16-mixed"
         )
-    check_global_batch(cfg, devices)  # again, now that devices=auto is a number
+    if devices != t.get("devices"):  # devices=auto, now a number (validate checked the rest)
+        check_global_batch(cfg, devices)
     env = cluster_environment()
     if not env.creates_processes_externally:
         several = (isinstance(devices, int) and devices > 1) or (

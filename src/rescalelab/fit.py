@@ -15,7 +15,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,10 @@ from rescalelab.distributed import check_launch
 from rescalelab.errors import ConfigError
 from rescalelab.models.geometry import layer_geometry, rescalable_layers
 from rescalelab.module import Classifier
-from rescalelab.optim import build_optimizer, build_scheduler
 from rescalelab.resume import check_unchanged, plan_resume, write_run_files
 from rescalelab.tracking import TrackedRun, flatten, read_parent
 from rescalelab.tracking.resilient import PendingMetrics
-from rescalelab.validate import check_added_keys, check_num_classes, validate
+from rescalelab.validate import check_added_keys, check_num_classes, check_targets, validate
 
 
 def _build(group: str, cfg: DictConfig, **kwargs: Any) -> Any:
@@ -55,9 +54,14 @@ def _build(group: str, cfg: DictConfig, **kwargs: Any) -> Any:
 
 
 def build_components(cfg: DictConfig) -> dict[str, Any]:
-    """Everything a fit needs, built and checked, with no side effect on the tracking store."""
-    validate(cfg)
+    """Everything a fit needs, built and checked, with no side effect on the tracking store.
+
+    ``cfg`` has passed :func:`~rescalelab.validate.validate`. The optimizer side is built as
+    partials: the optimizer and its schedule are made once, by Lightning, in
+    ``configure_optimizers``; their constructors' checks run here first (``check_targets``).
+    """
     check_launch(cfg)  # CUDA present, devices, nodes, launcher
+    check_targets(cfg)  # each constructor's own argument checks, before anything is built
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = _build("data", cfg.data)
     datamodule.prepare_data()
@@ -74,14 +78,13 @@ def build_components(cfg: DictConfig) -> dict[str, Any]:
         )
     geometry = layer_geometry(model, datamodule.input_shape)
     norm.prepare(model, datamodule.input_shape)
-    # Build the optimizer and schedule once now, so that their errors come before the run.
-    try:
-        optimizer = build_optimizer(cfg.optim, model, geometry)
-        build_scheduler(cfg.schedule, optimizer)
-    except (InstantiationException, TypeError, ValueError) as e:
-        detail = str(e.__cause__ or e).strip().splitlines()[-1]
-        raise ConfigError(f"optim ({cfg.optim.get('_target_')}) / schedule: {detail}") from None
-    module = Classifier(model, datamodule.num_classes, cfg.optim, cfg.schedule, norm, geometry)
+    # Partials (optimizer, schedule, groups): Lightning calls them once, in configure_optimizers.
+    optimizer, schedule = _build("optim", cfg.optim), _build("schedule", cfg.schedule)
+    module = Classifier(
+        model, datamodule.num_classes, optimizer, schedule, norm, geometry,
+        groups=_build("param_groups", cfg.param_groups),
+        lr_scheduler_config=OmegaConf.to_container(cfg.lr_scheduler_config, resolve=True),
+    )  # fmt: skip
     callbacks = [
         _build(f"callbacks.{name}", c) for name, c in (cfg.get("callbacks") or {}).items()
         if c is not None and "_target_" in c
@@ -100,15 +103,8 @@ def train(cfg: DictConfig) -> float | None:
     """
     quiet_stack()
     hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
     output_dir = hc.runtime.output_dir
-    overrides = list(hc.overrides.task)
-    validate(cfg)  # resume and ckpt_path themselves, before they are used
-    plan = plan_resume(cfg, output_dir, overrides, multirun)
-    if plan is not None and plan.recomposed:
-        overrides = plan.overrides
-        cfg = _compose_again(hc.job.config_name or "train", overrides)
-    check_added_keys(cfg, overrides)
+    cfg, plan, overrides = _plan(cfg, hc)
     parts = build_components(cfg)
     # runner: a job that is not a Lightning fit (experiment=theory_diminishing: many SG seeds
     # at once, rescalelab.theory_runs); planned here so that its errors come before the run.
@@ -116,37 +112,12 @@ def train(cfg: DictConfig) -> float | None:
     if runner is not None:
         runner.plan(cfg, parts)
     tracking = _build("logger", cfg.logger)  # rescalelab.tracking.MlflowRunFactory
-    extra_params = {f"data.{k}": v for k, v in parts["datamodule"].describe().items()}
     metric = cfg.get("optimized_metric") or "val/loss"
-    skip: dict[str, int] = {}
-    if plan is not None and plan.run_id is not None:
-        run = tracking.reopen(plan.run_id)
-        if isinstance(run, TrackedRun):
-            # A changed value is an error even when the run is over: it would not be this run.
-            now = flatten(OmegaConf.to_container(cfg, resolve=True))
-            now.update({k: str(v) for k, v in extra_params.items()})
-            check_unchanged(run.recorded().data.params, now)
-            done, value = _already_done(run, metric, _diverged_value(hc))
-            if done:
-                return value
-            skip = run.last_steps()
-            run.mark_resumed()
-    else:
-        run = tracking.start(
-            cfg,
-            overrides=overrides,
-            output_dir=output_dir,
-            job_num=hc.job.num if multirun else None,
-            parent=read_parent(hc.sweep.dir) if multirun else None,
-            extra_params=extra_params,
-        )
-        if run.run_id is not None:
-            with _ends_run_on_error(run):  # e.g. a full disk: the run must not stay RUNNING
-                write_run_files(output_dir, run.run_id, overrides)
-                # Files that define the data exactly (e.g. an ImageNet subset's file list).
-                run.log_files(getattr(parts["datamodule"], "artifacts", {}), "data")
-                run.log_dataset(parts["datamodule"], cfg.data)  # the UI's Dataset column
-    with _ends_run_on_error(run):
+    run, skip, done = _open_run(cfg, hc, tracking, plan, parts, overrides, metric)
+    if done is not None:
+        return done[0]
+    logger = None
+    with _ends_run_on_error(run, lambda: logger):
         logger = run.logger(
             skip_through=skip, spill_path=Path(output_dir) / "undelivered_metrics.jsonl"
         )
@@ -155,41 +126,33 @@ def train(cfg: DictConfig) -> float | None:
         has_ckpt = any(isinstance(c, ModelCheckpoint) for c in callbacks)
         no_default = {} if has_ckpt else {"enable_checkpointing": False}
         trainer = _build("trainer", cfg.trainer, callbacks=callbacks, logger=logger, **no_default)
-    try:
-        if runner is not None:
-            runner.run(cfg, parts, logger)
-        else:
-            trainer.fit(
-                parts["module"],
-                datamodule=parts["datamodule"],
-                ckpt_path=plan.ckpt_path if plan is not None else None,
+        try:
+            if runner is not None:
+                runner.run(cfg, parts, logger)
+            else:
+                trainer.fit(
+                    parts["module"],
+                    datamodule=parts["datamodule"],
+                    ckpt_path=plan.ckpt_path if plan is not None else None,
+                )
+        except Diverged as d:
+            _finish(run, logger, "FAILED", {
+                "rescalelab.status": "diverged",
+                "rescalelab.diverged_step": str(d.step),
+                "rescalelab.diverged_loss": str(d.loss),
+                "rescalelab.diverged_reason": d.reason,
+            })  # fmt: skip
+            console.print(f"[bold red]run {run.run_id} diverged[/]: {d}", soft_wrap=True)
+            return _diverged_value(hc)
+        except Interrupted as e:  # ended KILLED by _ends_run_on_error, as any interrupt
+            console.print(
+                f"[bold yellow]{e}[/]; continue it with: rescalelab-train resume=true "
+                f"hydra.run.dir={output_dir}",
+                soft_wrap=True,
             )
-    except Diverged as d:
-        _finish(run, logger, "FAILED", {
-            "rescalelab.status": "diverged",
-            "rescalelab.diverged_step": str(d.step),
-            "rescalelab.diverged_loss": str(d.loss),
-            "rescalelab.diverged_reason": d.reason,
-        })  # fmt: skip
-        console.print(f"[bold red]run {run.run_id} diverged[/]: {d}", soft_wrap=True)
-        return _diverged_value(hc)
-    except Interrupted as e:
-        _finish(run, logger, "KILLED", {"rescalelab.status": "killed"})
-        console.print(
-            f"[bold yellow]{e}[/]; continue it with: rescalelab-train resume=true "
-            f"hydra.run.dir={output_dir}",
-            soft_wrap=True,
-        )
-        if e.signum == signal.SIGINT:
-            raise KeyboardInterrupt from None
-        sys.exit(128 + e.signum)
-    except (KeyboardInterrupt, SystemExit):
-        # Lightning turns Ctrl+C into sys.exit(1); its SIGTERMException is a SystemExit.
-        _finish(run, logger, "KILLED", {"rescalelab.status": "killed"})
-        raise
-    except BaseException as e:
-        _finish(run, logger, "FAILED", _failure_tags(e))
-        raise
+            if e.signum == signal.SIGINT:
+                raise KeyboardInterrupt from None
+            sys.exit(128 + e.signum)
     if trainer.interrupted:
         _finish(run, logger, "KILLED", {"rescalelab.status": "killed"})
         return None
@@ -205,6 +168,70 @@ def train(cfg: DictConfig) -> float | None:
     # What sweepers (hparams_search=optuna_lr) optimise: optimized_metric, else val/loss.
     value = trainer.callback_metrics.get(metric)
     return float(value) if value is not None else None
+
+
+def _plan(cfg: DictConfig, hc: Any) -> tuple[DictConfig, Any, list[str]]:
+    """The job's checked config, its resume plan (``None``: a fresh run) and its overrides.
+
+    The values are checked once per config: this one (``resume`` and ``ckpt_path`` are used
+    at once), and the config of a resumed run when its overrides compose a different one.
+    """
+    overrides = list(hc.overrides.task)
+    validate(cfg)
+    plan = plan_resume(cfg, hc.runtime.output_dir, overrides, hc.mode == RunMode.MULTIRUN)
+    if plan is not None and plan.recomposed:
+        overrides = plan.overrides
+        cfg = _compose_again(hc.job.config_name or "train", overrides)
+        validate(cfg)
+    check_added_keys(cfg, overrides)
+    return cfg, plan, overrides
+
+
+def _open_run(
+    cfg: DictConfig,
+    hc: Any,
+    tracking: Any,
+    plan: Any,
+    parts: dict[str, Any],
+    overrides: list[str],
+    metric: str,
+) -> tuple[Any, dict[str, int], tuple[float | None] | None]:
+    """The job's run: reopened (resume) or created, with its run files and dataset logged.
+
+    Returns ``(run, skip, done)``: ``skip`` the last logged step of each metric (a resume logs
+    nothing twice); ``done`` holds the recorded result of a run that needs no training.
+    """
+    extra_params = {f"data.{k}": v for k, v in parts["datamodule"].describe().items()}
+    if plan is not None and plan.run_id is not None:
+        run = tracking.reopen(plan.run_id)
+        if not isinstance(run, TrackedRun):
+            return run, {}, None
+        # A changed value is an error even when the run is over: it would not be this run.
+        now = flatten(OmegaConf.to_container(cfg, resolve=True))
+        now.update({k: str(v) for k, v in extra_params.items()})
+        check_unchanged(run.recorded().data.params, now)
+        done, value = _already_done(run, metric, _diverged_value(hc))
+        if done:
+            return run, {}, (value,)
+        skip = run.last_steps()
+        run.mark_resumed()
+        return run, skip, None
+    multirun = hc.mode == RunMode.MULTIRUN
+    run = tracking.start(
+        cfg,
+        overrides=overrides,
+        output_dir=hc.runtime.output_dir,
+        job_num=hc.job.num if multirun else None,
+        parent=read_parent(hc.sweep.dir) if multirun else None,
+        extra_params=extra_params,
+    )
+    if run.run_id is not None:
+        with _ends_run_on_error(run):  # e.g. a full disk: the run must not stay RUNNING
+            write_run_files(hc.runtime.output_dir, run.run_id, overrides)
+            # Files that define the data exactly (e.g. an ImageNet subset's file list).
+            run.log_files(getattr(parts["datamodule"], "artifacts", {}), "data")
+            run.log_dataset(parts["datamodule"], cfg.data)  # the UI's Dataset column
+    return run, {}, None
 
 
 def _compose_again(config_name: str, overrides: list[str]) -> DictConfig:
@@ -242,16 +269,17 @@ def _failure_tags(error: BaseException) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _ends_run_on_error(run: Any) -> Iterator[None]:
-    """Between the run's creation and the fit: an exception ends the run FAILED (an interrupt
-    KILLED), with the reason tagged, and is re-raised."""
+def _ends_run_on_error(run: Any, logger: Callable[[], Any] = lambda: None) -> Iterator[None]:
+    """Once the run exists: an exception ends it FAILED (an interrupt KILLED: Lightning turns
+    Ctrl+C into ``sys.exit(1)``, its SIGTERMException is a SystemExit), with the reason tagged,
+    after the queued metrics of ``logger()`` (once there is one) are delivered; re-raised."""
     try:
         yield
     except (KeyboardInterrupt, SystemExit):
-        _finish(run, None, "KILLED", {"rescalelab.status": "killed"})
+        _finish(run, logger(), "KILLED", {"rescalelab.status": "killed"})
         raise
     except BaseException as e:
-        _finish(run, None, "FAILED", _failure_tags(e))
+        _finish(run, logger(), "FAILED", _failure_tags(e))
         raise
 
 

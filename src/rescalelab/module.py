@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from torchmetrics import MeanMetric
@@ -16,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from rescalelab.models.geometry import LayerGeometry
 from rescalelab.norm import NoNorm, NormPlug
-from rescalelab.optim import build_optimizer, build_scheduler, observe_loss
+from rescalelab.optim import Groups, build_optimizer, build_scheduler, observe_loss, param_groups
 
 EPOCH_SUMS_KEY = "rescalelab.epoch_sums"
 
@@ -54,21 +55,30 @@ class Classifier(pl.LightningModule):
     checkpoint; under DDP the mean over replicas. The running sums go into checkpoints, so a
     run resumed mid-epoch logs the mean of the whole epoch, once. ``trainer.log_every_n_steps``
     is capped at the epoch length, so every epoch has at least one step-level point.
+
+    The optimizer side arrives built, as partials (``instantiate(cfg.optim)`` …):
+    ``optimizer(groups)``, ``scheduler(optimizer)``, ``groups(model, geometry)`` (default: one
+    group per layer, one stepsize), and Lightning's ``lr_scheduler_config`` (``interval``,
+    ``frequency``); :meth:`configure_optimizers` calls them, again whenever a norm plug
+    rebuilds the optimizer (``norm=bn_warmup``).
     """
 
     def __init__(
         self,
         model: nn.Module,
         num_classes: int,
-        optim: DictConfig,
-        schedule: DictConfig,
+        optimizer: Callable[[Groups], torch.optim.Optimizer],
+        scheduler: Callable[[torch.optim.Optimizer], Any],
         norm: NormPlug | None = None,
         geometry: dict[str, LayerGeometry] | None = None,
+        groups: Callable[..., Groups] = param_groups,
+        lr_scheduler_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.norm = norm or NoNorm()
-        self.optim_cfg, self.schedule_cfg = optim, schedule
+        self.make_optimizer, self.make_scheduler, self.make_groups = optimizer, scheduler, groups
+        self.lr_scheduler_config = dict(lr_scheduler_config or {})
         self.geometry = geometry
         self.val_acc: MulticlassAccuracy | None = None
         if num_classes >= 2:
@@ -190,16 +200,17 @@ class Classifier(pl.LightningModule):
             self.val_acc.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optim_cfg, lr = self.optim_cfg, getattr(self.norm, "phase_lr", None)
+        make, lr = self.make_optimizer, getattr(self.norm, "phase_lr", None)
         if lr is not None:  # norm.lr_after_switch: the whitened phase's own base stepsize
-            optim_cfg = OmegaConf.merge(optim_cfg, {"lr": lr})
-        optimizer = build_optimizer(optim_cfg, self.model, self.geometry)
+            make = functools.partial(make, lr=lr)
+        optimizer = build_optimizer(make, self.make_groups, self.model, self.geometry)
         return {
             "optimizer": optimizer,
             "lr_scheduler": build_scheduler(
-                self.schedule_cfg,
+                self.make_scheduler,
                 optimizer,
+                self.lr_scheduler_config,
                 total_steps=self.trainer.estimated_stepping_batches,
                 total_epochs=self.trainer.max_epochs,
-            ),  # fmt: skip
+            ),
         }

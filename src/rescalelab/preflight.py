@@ -32,7 +32,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from rescalelab.errors import ConfigError
-from rescalelab.validate import check_added_keys, validate
+from rescalelab.validate import check_added_keys, check_targets, validate
 
 CONFIG_MODULE, CONFIG_NAME = "rescalelab.conf", "train"
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -158,12 +158,14 @@ def job_overrides(
 
 
 def check_job(cfg: DictConfig, overrides: list[str], stores: set[str] | None = None) -> None:
-    """What a job checks before anything is built: values, ``+`` keys, the launch, the store
+    """What a job checks before anything is built: values (the rules and each constructor's
+    own checks), ``+`` keys, the launch, the store
     (unless its URI is in ``stores``, the stores already checked; it is added)."""
     from rescalelab.distributed import check_launch
     from rescalelab.tracking.store import check_store
 
     validate(cfg)
+    check_targets(cfg)  # each constructor's own argument checks (imports the targets)
     check_added_keys(cfg, overrides)
     check_launch(cfg)
     uri = OmegaConf.select(cfg, "logger.tracking_uri", default=None)

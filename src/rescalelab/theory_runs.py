@@ -124,10 +124,14 @@ class VectorizedSG:
         per_epoch = max(1, dm.num_train // dm.batch_size)
         max_steps = int(cfg.trainer.get("max_steps", -1) or -1)
         total = max_steps if max_steps > 0 else per_epoch * int(cfg.trainer.max_epochs)
-        optimizer = build_optimizer(optim, model, parts["module"].geometry)
-        sched = build_scheduler(
-            cfg.schedule, optimizer, total_steps=total, total_epochs=int(cfg.trainer.max_epochs)
+        module = parts["module"]
+        optimizer = build_optimizer(
+            module.make_optimizer, module.make_groups, model, module.geometry
         )
+        sched = build_scheduler(
+            module.make_scheduler, optimizer, module.lr_scheduler_config,
+            total_steps=total, total_epochs=int(cfg.trainer.max_epochs),
+        )  # fmt: skip
         scheduler = sched["scheduler"] if isinstance(sched, dict) else sched
         if not isinstance(scheduler, LambdaLR):
             raise ConfigError(

@@ -1,28 +1,37 @@
 """Checks on the composed config that run before anything is built or tracked.
 
-Hydra already rejects unknown options and overrides of keys that do not exist. This module
-checks what Hydra cannot: types and ranges of the values (:data:`RULES`, the schema of every
-key of every option: :func:`uncovered_keys` lists keys without a rule, and a test keeps that
-list empty), keys *added* with ``+`` (:func:`check_added_keys`), and combinations. Each failure
-is a :class:`ConfigError` whose one-line message names the key, the value and what is allowed.
-Rules apply when the key exists, so a group option without a key simply has nothing to check;
-``null`` always passes (it means "default" or "off" wherever an option allows it). A rule key
-may hold ``*`` wildcards (``callbacks.*.dirpath``).
+Hydra already rejects unknown options and overrides of keys that do not exist. What Hydra
+cannot check is checked in one place per key:
+
+* a constructor of rescalelab checks its own arguments (:func:`rescalelab.errors.checked`);
+  :func:`check_targets` applies those checks to the config's nodes before anything is built;
+* :data:`RULES` holds the keys that no such constructor owns (trainer, paths, logger, torch's
+  optimizers, which do not speak this contract: ``lr=inf`` passes torch) and the keys of
+  constructors that do not use :func:`~rescalelab.errors.checked` yet (data, model, norm,
+  callbacks); :func:`validate` applies them, with the cross-key checks, without importing
+  torch, so the command line's answer comes in about a second (preflight.py);
+* keys *added* with ``+`` (:func:`check_added_keys`).
+
+:func:`uncovered_keys` lists keys that neither a rule nor their constructor checks, and a test
+keeps that list empty. Each failure is a :class:`ConfigError` whose one-line message names the
+key, the value and what is allowed. Rules apply when the key exists, so a group option without
+a key simply has nothing to check; ``null`` always passes (it means "default" or "off"
+wherever an option allows it). A rule key may hold ``*`` wildcards (``callbacks.*.dirpath``).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 from hydra.utils import get_object
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from rescalelab.errors import ConfigError
+from rescalelab.errors import ConfigError, Expect, check
+from rescalelab.errors import type_ok as _type_ok
 
 
 @dataclass(frozen=True)
@@ -33,8 +42,23 @@ class Rule:
     allowed: str = ""
 
 
-def positive(kind: type) -> Callable[[object], bool]:
-    return lambda v: v > 0  # type: ignore[operator]
+def at_least(key: str, low: int, allowed: str = "") -> Rule:
+    """An integer >= ``low``."""
+    return Rule(key, int, lambda v: v >= low, allowed or f"an integer >= {low}")
+
+
+def number_at_least(key: str, low: float) -> Rule:
+    """A finite number >= ``low``."""
+    return Rule(key, float, lambda v: v >= low, f"a number >= {low}")
+
+
+def above(key: str, low: float) -> Rule:
+    """A finite number > ``low``."""
+    return Rule(key, float, lambda v: v > low, f"a number > {low}")
+
+
+def flag(key: str) -> Rule:
+    return Rule(key, bool, allowed="true or false")
 
 
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")
@@ -62,66 +86,62 @@ def _numbers(value: object, n: int, ok: Callable[[float], bool]) -> bool:
 RULES: list[Rule] = [
     # numpy and pl.seed_everything take 32-bit seeds
     Rule("seed", int, lambda v: 0 <= v <= 2**32 - 1, "an integer in [0, 4294967295]"),
-    Rule("optim.lr", float, lambda v: v > 0, "a number > 0"),
+    above("optim.lr", 0),
     Rule("optim.momentum", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    Rule("optim.weight_decay", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("optim.layer_scale", str, lambda v: v in ("none", "fanin"), "one of: none, fanin"),
+    number_at_least("optim.weight_decay", 0),
     Rule("data.batch_size", int, lambda v: v > 0, "an integer > 0"),
     Rule("data.num_train", int, lambda v: v > 0, "an integer > 0"),
     Rule("data.num_val", int, lambda v: v > 0, "an integer > 0"),
     Rule("data.fraction", float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     Rule("data.val_fraction", float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-    Rule("data.image_size", int, lambda v: v >= 8, "an integer >= 8"),
-    Rule("data.num_workers", int, lambda v: v >= 0, "an integer >= 0"),
-    Rule("data.crop_padding", int, lambda v: v >= 0, "an integer >= 0"),
+    at_least("data.image_size", 8),
+    at_least("data.num_workers", 0),
+    at_least("data.crop_padding", 0),
     Rule("model.dropout", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     Rule("norm.momentum", float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    Rule("norm.eps", float, lambda v: v > 0, "a number > 0"),
-    Rule("norm.interval", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("norm.init_batches", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("norm.warmup_epochs", int, lambda v: v >= 0, "an integer >= 0"),
+    above("norm.eps", 0),
+    at_least("norm.interval", 1),
+    at_least("norm.init_batches", 1),
+    at_least("norm.warmup_epochs", 0),
     Rule(
         "norm.eps_mode", str, lambda v: v in ("absolute", "relative"), "one of: absolute, relative"
     ),
     Rule("norm.max_scale", float, lambda v: v >= 1, "null or a number >= 1"),
     Rule("norm.min_active", float, lambda v: 0 < v <= 1, "null or a fraction in (0, 1]"),
-    Rule("data.train_eval_size", int, lambda v: v >= 1, "null or an integer >= 1"),
+    at_least("data.train_eval_size", 1, "null or an integer >= 1"),
     Rule("norm.lr_after_switch", float, lambda v: v > 0, "a number > 0 or null"),
-    Rule("trainer.max_epochs", int, lambda v: v >= 1, "an integer >= 1"),
+    at_least("trainer.max_epochs", 1),
+    # Lightning's lr_scheduler_config: a plain dict, no constructor of ours checks it
+    Rule(
+        "lr_scheduler_config.interval", str, lambda v: v in ("step", "epoch"), "one of: step, epoch"
+    ),
+    at_least("lr_scheduler_config.frequency", 1),
     Rule("logger.system_metrics", float, lambda v: v > 0, "null or a number of seconds > 0"),
-    Rule("n_seeds", int, lambda v: v >= 1, "an integer >= 1 (seeds 0..n_seeds-1 of a preset)"),
-    Rule("budget_trial", int, lambda v: v >= 0, "an integer >= 0 (set by hparams_search=budget)"),
-    Rule("trainer.log_every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("trainer.num_nodes", int, lambda v: v >= 1, "an integer >= 1"),
+    at_least("n_seeds", 1, "an integer >= 1 (seeds 0..n_seeds-1 of a preset)"),
+    at_least("budget_trial", 0, "an integer >= 0 (set by hparams_search=budget)"),
+    at_least("trainer.log_every_n_steps", 1),
+    at_least("trainer.num_nodes", 1),
     Rule("optim.alpha", float, lambda v: 0 < v < 1, "a number in (0, 1)"),
-    Rule("optim.eps", float, lambda v: v > 0, "a number > 0"),
-    Rule("optim.lr_decay", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("optim.decay_exclude", bool, allowed="true or false"),
-    Rule("schedule.mode", str, lambda v: v in ("every", "plateau"), "one of: every, plateau"),
-    Rule("schedule.every", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("schedule.gamma", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("schedule.smoothing", float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    Rule("schedule.patience", int, lambda v: v >= 0, "an integer >= 0"),
-    Rule("schedule.period", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("schedule.min_factor", float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    Rule("data.dim", int, lambda v: v >= 1, "an integer >= 1"),
+    above("optim.eps", 0),
+    number_at_least("optim.lr_decay", 0),
+    at_least("data.dim", 1),
     Rule("data.cond", float, lambda v: v >= 1, "a number >= 1"),
-    Rule("data.lam", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("data.noise_std", float, lambda v: v >= 0, "a number >= 0"),
+    number_at_least("data.lam", 0),
+    number_at_least("data.noise_std", 0),
     Rule("data.label_noise", float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
-    Rule("callbacks.theory.every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("callbacks.train_eval.every_n_epochs", int, lambda v: v >= 1, "an integer >= 1"),
+    at_least("callbacks.theory.every_n_steps", 1),
+    at_least("callbacks.train_eval.every_n_epochs", 1),
     Rule(
         "runner",
         str,
         lambda v: False,
         "a node with a _target_ (e.g. experiment=theory_diminishing) or null",
     ),
-    Rule("runner.runs", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("runner.every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("runner.per_decade", int, lambda v: v >= 0, "an integer >= 0"),
+    at_least("runner.runs", 1),
+    at_least("runner.every_n_steps", 1),
+    at_least("runner.per_decade", 0),
     # -- the rest of the schema: every key of every option has a rule (see uncovered_keys) ----
-    Rule("resume", bool, allowed="true or false"),
+    flag("resume"),
     Rule("optimized_metric", str, lambda v: bool(v), "a logged metric such as val/loss"),
     Rule("ckpt_path", str, lambda v: bool(v), "a checkpoint file or null"),
     Rule("paths.*", str, lambda v: bool(v), "a path"),
@@ -129,15 +149,15 @@ RULES: list[Rule] = [
     Rule(
         "logger.tracking_uri", str, _is_uri, "a URI such as sqlite:///<file>.db or http://host:port"
     ),
-    Rule("logger.log_model", bool, allowed="true or false"),
-    Rule("data.seed", int, lambda v: v >= 0, "an integer >= 0"),
-    Rule("data.problem_seed", int, lambda v: v >= 0, "an integer >= 0"),
-    Rule("data.num_classes", int, lambda v: v >= 2, "an integer >= 2"),
-    Rule("data.channels", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("data.field_noise", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("data.pixel_noise", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("data.weight_scale", float, lambda v: v > 0, "a number > 0"),
-    Rule("data.resize_size", int, lambda v: v >= 8, "an integer >= 8 or null"),
+    flag("logger.log_model"),
+    at_least("data.seed", 0),
+    at_least("data.problem_seed", 0),
+    at_least("data.num_classes", 2),
+    at_least("data.channels", 1),
+    number_at_least("data.field_noise", 0),
+    number_at_least("data.pixel_noise", 0),
+    above("data.weight_scale", 0),
+    at_least("data.resize_size", 8, "an integer >= 8 or null"),
     Rule("data.root", str, lambda v: bool(v), "a folder"),
     Rule("data.cache", str, lambda v: bool(v), "a folder or null"),
     Rule("data.cache_dir", str, lambda v: bool(v), "a folder"),
@@ -170,20 +190,17 @@ RULES: list[Rule] = [
             "progress",
         )
     ],
-    Rule("model.bias", bool, allowed="true or false"),
+    flag("model.bias"),
     Rule("model.init", str, lambda v: v in ("zeros", "default"), "one of: zeros, default"),
-    Rule("model.pool_size", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("norm.sync", bool, allowed="true or false"),
+    at_least("model.pool_size", 1),
+    flag("norm.sync"),
     Rule(
         "optim.betas",
         list,
         lambda v: _numbers(v, 2, lambda x: 0 <= x < 1),
         "a list of 2 numbers in [0, 1)",
     ),
-    Rule("optim.initial_accumulator_value", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("schedule.interval", str, lambda v: v in ("step", "epoch"), "one of: step, epoch"),
-    Rule("schedule.frequency", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("schedule.threshold", float, lambda v: v >= 0, "a number >= 0"),
+    number_at_least("optim.initial_accumulator_value", 0),
     Rule(
         "trainer.accelerator",
         str,
@@ -202,8 +219,8 @@ RULES: list[Rule] = [
         lambda v: v in (True, False, "warn"),
         "true, false or warn",
     ),
-    Rule("trainer.num_sanity_val_steps", int, lambda v: v >= -1, "an integer >= -1"),
-    Rule("trainer.max_steps", int, lambda v: v >= -1, "an integer >= -1"),
+    at_least("trainer.num_sanity_val_steps", -1),
+    at_least("trainer.max_steps", -1),
     *[
         Rule(f"trainer.{k}", (int, float), _batches_or_fraction, "an integer >= 0 or a fraction")
         for k in ("limit_train_batches", "limit_val_batches", "val_check_interval")
@@ -241,37 +258,37 @@ RULES: list[Rule] = [
     ],
     Rule("callbacks.*.dirpath", str, lambda v: bool(v), "a folder"),
     Rule("callbacks.*.filename", str, lambda v: bool(v) and "/" not in v, "a file name"),
-    Rule("callbacks.progress.refresh_rate", int, lambda v: v >= 0, "an integer >= 0"),
+    at_least("callbacks.progress.refresh_rate", 0),
     Rule(
         "callbacks.checkpoint.monitor", str, lambda v: bool(v), "a logged metric such as val/loss"
     ),
     Rule("callbacks.checkpoint.mode", str, lambda v: v in ("min", "max"), "one of: min, max"),
-    Rule("callbacks.checkpoint.save_top_k", int, lambda v: v >= -1, "an integer >= -1"),
+    at_least("callbacks.checkpoint.save_top_k", -1),
     Rule(
         "callbacks.checkpoint.save_last",
         (bool, str),
         lambda v: v in (True, False, "link"),
         "true, false or link",
     ),
-    Rule("callbacks.*.enable_version_counter", bool, allowed="true or false"),
-    Rule("callbacks.last.every_n_train_steps", int, lambda v: v >= 1, "an integer >= 1 or null"),
-    Rule("callbacks.last.on_signal", bool, allowed="true or false"),
-    Rule("callbacks.last.flush_timeout", float, lambda v: v >= 0, "a number >= 0"),
+    flag("callbacks.*.enable_version_counter"),
+    at_least("callbacks.last.every_n_train_steps", 1, "an integer >= 1 or null"),
+    flag("callbacks.last.on_signal"),
+    number_at_least("callbacks.last.flush_timeout", 0),
     Rule("callbacks.guard.max_factor", float, lambda v: v > 1, "a number > 1 or null"),
-    Rule("callbacks.guard.check_every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("callbacks.theory.per_decade", int, lambda v: v >= 0, "an integer >= 0"),
-    Rule("callbacks.drift.dense_steps", int, lambda v: v >= 0, "an integer >= 0"),
+    at_least("callbacks.guard.check_every_n_steps", 1),
+    at_least("callbacks.theory.per_decade", 0),
+    at_least("callbacks.drift.dense_steps", 0),
     Rule("callbacks.drift.metrics", str, lambda v: v in ("compact", "all"), "one of: compact, all"),
-    Rule("callbacks.bn_warmup.window", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("callbacks.stepsizes.var_threshold", float, lambda v: v > 0, "a number > 0"),
-    Rule("callbacks.stepsizes.per_step", bool, allowed="true or false"),
-    Rule("callbacks.bn_warmup.extra_steps", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("callbacks.drift.per_decade", float, lambda v: v > 0, "a number > 0"),
-    Rule("callbacks.drift.every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("callbacks.drift.probe_size", int, lambda v: v >= 0, "an integer >= 0"),
-    Rule("callbacks.drift.probe_batch_size", int, lambda v: v >= 1, "an integer >= 1 or null"),
-    Rule("callbacks.drift.probe_every", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("callbacks.drift.probe_epochs", int, lambda v: v >= 0, "an integer >= 0"),
+    at_least("callbacks.bn_warmup.window", 1),
+    above("callbacks.stepsizes.var_threshold", 0),
+    flag("callbacks.stepsizes.per_step"),
+    at_least("callbacks.bn_warmup.extra_steps", 1),
+    above("callbacks.drift.per_decade", 0),
+    at_least("callbacks.drift.every_n_steps", 1),
+    at_least("callbacks.drift.probe_size", 0),
+    at_least("callbacks.drift.probe_batch_size", 1, "an integer >= 1 or null"),
+    at_least("callbacks.drift.probe_every", 1),
+    at_least("callbacks.drift.probe_epochs", 0),
     *[
         Rule(f"callbacks.drift.{k}", float, lambda v: v > 0, "a number > 0")
         for k in ("settle_threshold", "settle_threshold_logvar", "lag_steps_max_se", "eps")
@@ -281,42 +298,25 @@ RULES: list[Rule] = [
         for k in ("track_bn", "arrays", "figures")
     ],
     # -- the comparison baselines (docs/baselines.md) ----------------------------------------
-    Rule("optim.nesterov", bool, allowed="true or false"),
-    Rule("optim.compile", bool, allowed="true or false"),
+    flag("optim.nesterov"),
+    flag("optim.compile"),
     Rule("optim.shampoo_beta", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    Rule("optim.precondition_frequency", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("optim.max_precond_dim", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("schedule.warmup_epochs", float, lambda v: v >= 0, "a number >= 0"),
-    Rule("schedule.final_factor", float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    Rule("schedule.start_factor", float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    Rule("schedule.steps_per_epoch", int, lambda v: v >= 1, "an integer >= 1 or null"),
-    Rule("norm.groups", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("norm.mean_only_bn", bool, allowed="true or false"),
+    at_least("optim.precondition_frequency", 1),
+    at_least("optim.max_precond_dim", 1),
+    at_least("norm.groups", 1),
+    flag("norm.mean_only_bn"),
     Rule("norm.r_max", float, lambda v: v >= 1, "a number >= 1"),
-    Rule("norm.d_max", float, lambda v: v >= 0, "a number >= 0"),
+    number_at_least("norm.d_max", 0),
     *[
         Rule(f"norm.{k}", int, lambda v: v >= 0, "an integer >= 0")
         for k in ("relax_start", "r_relax_steps", "d_relax_steps")
     ],
-    Rule("model.blocks", int, lambda v: v >= 1, "an integer >= 1"),
-    Rule("model.width", int, lambda v: v >= 1, "an integer >= 1"),
+    at_least("model.blocks", 1),
+    at_least("model.width", 1),
     Rule("model.shortcut", str, lambda v: v in ("projection", "pad"), "one of: projection, pad"),
 ]
 # Structural keys: checked by instantiate itself ("Error locating target ...").
 STRUCTURAL = ("_target_", "*._target_", "_partial_", "*._partial_")
-
-
-def _type_ok(value: object, kind: type | tuple[type, ...]) -> bool:
-    if isinstance(kind, tuple):
-        return any(_type_ok(value, k) for k in kind)
-    if kind is float:
-        # inf and nan (also 1e400, which YAML reads as inf) are never a valid setting
-        return (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        )
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
 
 
 def check_value(
@@ -327,11 +327,7 @@ def check_value(
     allowed: str,
 ) -> None:
     """Raise a one-line :class:`ConfigError` unless ``value`` has type ``kind`` and passes ``ok``."""
-    if isinstance(value, ListConfig):
-        value = OmegaConf.to_container(value, resolve=True)
-    if not _type_ok(value, kind) or not ok(value):
-        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ConfigError(f"{key}={value!r} is invalid: expected {allowed or name}")
+    check(key, value, Expect(kind, ok, allowed))
 
 
 def leaves(cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, object]]:
@@ -365,7 +361,74 @@ def validate(cfg: DictConfig, rules: list[Rule] | None = None) -> None:
     check_global_batch(cfg)
     check_warmup(cfg)
     check_schedule_warmup(cfg)
+    check_optimizer_combinations(cfg)
     check_theory(cfg)
+
+
+def targets(cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, DictConfig, object]]:
+    """``(dotted key, node, object)`` of every node whose ``_target_`` imports here."""
+    for k in cfg:
+        try:
+            child = cfg[k]
+        except Exception:  # noqa: BLE001 - e.g. ${hydra:...} outside a Hydra app, ??? values
+            continue
+        if not isinstance(child, DictConfig) or k == "hydra":
+            continue
+        obj = _target(child.get("_target_"))
+        if obj is not None:
+            yield f"{prefix}{k}", child, obj
+        yield from targets(child, f"{prefix}{k}.")
+
+
+def _target(target: object) -> object | None:
+    """The object a ``_target_`` names; ``None`` if none (instantiate reports an unknown one)."""
+    if target is None:
+        return None
+    try:
+        return get_object(str(target))
+    except Exception:  # noqa: BLE001 - any import failure: instantiate reports it itself
+        return None
+
+
+def constructor_checks(obj: object) -> dict[str, Expect]:
+    """The argument checks a constructor declared with :func:`rescalelab.errors.checked`: on a
+    function, or on a class's ``__init__``."""
+    own = getattr(obj, "config_checks", None)
+    if own is None and isinstance(obj, type):
+        own = getattr(obj.__init__, "config_checks", None)
+    return dict(own or {})
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Apply each constructor's own argument checks to its config node, without building it.
+
+    Imports the targets (torch, for the optimizer side): run by the job before it builds, and
+    by the sweep's check of every job (preflight.py), not by the command line's first check.
+    """
+    for key, node, obj in targets(cfg):
+        for name, expect in constructor_checks(obj).items():
+            value = node.get(name)
+            if value is not None and not isinstance(value, DictConfig):
+                check(f"{key}.{name}", value, expect)
+
+
+def check_optimizer_combinations(cfg: DictConfig) -> None:
+    """Combinations the optimizer side would reject only when built, at the start of training:
+    Nesterov momentum without momentum (torch's SGD), and a cosine floor ``final_factor > 0``
+    with per-layer stepsizes (one ``eta_min`` for all groups in torch's CosineAnnealingLR)."""
+    nesterov = OmegaConf.select(cfg, "optim.nesterov", default=None, throw_on_missing=False)
+    momentum = OmegaConf.select(cfg, "optim.momentum", default=None, throw_on_missing=False)
+    if nesterov is True and _type_ok(momentum, float) and momentum <= 0:  # Muon has its own
+        raise ConfigError(
+            f"optim.nesterov=true is invalid with optim.momentum={momentum}: expected momentum > 0"
+        )
+    final = OmegaConf.select(cfg, "schedule.final_factor", default=None, throw_on_missing=False)
+    scale = OmegaConf.select(cfg, "param_groups.layer_scale", default=None)
+    if _type_ok(final, float) and final > 0 and scale == "fanin":
+        raise ConfigError(
+            f"schedule.final_factor={final!r} is invalid with param_groups.layer_scale=fanin: "
+            "expected 0, since torch's CosineAnnealingLR has one eta_min for all groups"
+        )
 
 
 def check_schedule_warmup(cfg: DictConfig) -> None:
@@ -373,8 +436,8 @@ def check_schedule_warmup(cfg: DictConfig) -> None:
     warmup = OmegaConf.select(cfg, "schedule.warmup_epochs", default=None)
     epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
     max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
-    if warmup is None or not isinstance(epochs, int) or max_steps not in (-1, None):
-        return
+    if not _type_ok(warmup, float) or not _type_ok(epochs, int) or max_steps not in (-1, None):
+        return  # a bad warm-up value itself is the schedule constructor's to report
     if warmup >= epochs:
         raise ConfigError(
             f"schedule.warmup_epochs={warmup!r} is invalid with trainer.max_epochs={epochs}: "
@@ -438,8 +501,12 @@ def check_num_classes(cfg: DictConfig, num_classes: int) -> None:
 
 
 def uncovered_keys(cfg: DictConfig, rules: list[Rule] | None = None) -> list[str]:
-    """Leaf keys of ``cfg`` that no rule (and no structural pattern) covers."""
+    """Leaf keys of ``cfg`` that no rule, no constructor's own check and no structural pattern
+    covers."""
     patterns = [r.key for r in (rules if rules is not None else RULES)] + list(STRUCTURAL)
+    patterns += [
+        f"{key}.{name}" for key, _, obj in targets(cfg) for name in constructor_checks(obj)
+    ]
     return [
         k
         for k, v in leaves(cfg)
@@ -449,8 +516,6 @@ def uncovered_keys(cfg: DictConfig, rules: list[Rule] | None = None) -> list[str
 
 
 CONF_DIR = Path(__file__).parent / "conf"
-# Keys of an optim/schedule node that rescalelab consumes before calling the target.
-OWN_KEYS = {"optim": ("layer_scale", "decay_exclude"), "schedule": ("interval", "frequency")}
 
 
 def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
@@ -482,7 +547,6 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
         allowed = _target_params(str(target))
         if allowed is None:  # not importable here, or takes **kwargs
             continue
-        allowed |= set(OWN_KEYS.get(parent, ()))
         if name not in allowed:
             raise ConfigError(
                 f"{key} is not a key of {parent} ({target}): expected one of: "

@@ -7,7 +7,7 @@ apart. :class:`StepsizeMonitor` logs, for every Conv2d/Linear layer ``<layer>`` 
 times its layer scale and schedule factor):
 
 * SG, no rescaling or BatchNorm: ``α`` itself;
-* ``optim.layer_scale=fanin``: ``α = lr/√(share·fanin)`` (the group's stepsize);
+* ``param_groups.layer_scale=fanin``: ``α = lr/√(share·fanin)`` (the group's stepsize);
 * whitening (``norm=whitening``, and ``bn_warmup`` after its switch): ``α β² α_i²`` per input
   ``i``, with ``α_i² = 1/(Var_i + ε)`` and ``β² = 1/√(share·fanin)`` read from the layer's
   ``rescale_var`` and ``rescale_beta2`` buffers (``docs/whitening.md``);

@@ -23,7 +23,7 @@ from rescalelab.norm.plug import NormPlug
 
 
 class NoNorm(NormPlug):
-    """``norm=none``: plain layers, one common stepsize unless ``optim.layer_scale`` says otherwise."""
+    """``norm=none``: plain layers, one stepsize unless ``param_groups.layer_scale`` says not."""
 
     name = "none"
 

@@ -1,64 +1,58 @@
-"""Optimizers with parameter groups, per-layer stepsizes and stepsize schedules.
+"""Optimizers on parameter groups, per-layer stepsizes and stepsize schedules.
 
-An ``optim`` config is a torch optimizer ``_target_`` (``_partial_: true``) plus two keys that
-rescalelab consumes to build parameter groups before the optimizer is instantiated:
+Three config nodes, each a plain ``_partial_`` that ``hydra.utils.instantiate`` builds as
+written, and that the LightningModule receives built (as in lightning-hydra-template):
 
-* ``layer_scale``: ``none`` (one common stepsize) or ``fanin`` (stepsize of each Conv2d/Linear
-  layer multiplied by 1/sqrt(share × fanin), the lecture's fan-in heuristic);
-* ``decay_exclude``: when true, biases and normalization parameters get no weight decay.
-
-A ``schedule`` config is a ``_partial_`` factory ``f(optimizer) -> LRScheduler`` (see
-:mod:`rescalelab.optim.schedules`) plus ``interval`` (``step`` or ``epoch``) and ``frequency``, also consumed here.
+* ``optim``: a torch optimizer (``torch.optim.SGD``, …), ``f(groups) -> Optimizer``;
+* ``param_groups``: :func:`param_groups`, ``f(model, geometry) -> groups``, with
+  ``layer_scale`` (``none``: one common stepsize; ``fanin``: the stepsize of each Conv2d/Linear
+  layer times 1/sqrt(share × fanin), the lecture's fan-in heuristic) and ``decay_exclude``
+  (true: no weight decay on biases and normalization parameters);
+* ``schedule``: a factory of :mod:`rescalelab.optim.schedules`, ``f(optimizer) ->
+  LRScheduler``; ``lr_scheduler_config`` (``interval``: ``step`` or ``epoch``, ``frequency``)
+  says how Lightning steps it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.optim.lr_scheduler import LRScheduler
 
-from rescalelab.errors import ConfigError
+from rescalelab.errors import Expect, checked
 from rescalelab.models.geometry import LayerGeometry, rescalable_layers
 
-OPTIM_KEYS = ("layer_scale", "decay_exclude")
-SCHEDULE_KEYS = ("interval", "frequency")
 LAYER_SCALES = ("none", "fanin")
+Groups = list[dict[str, Any]]
 
 
-def _split(cfg: DictConfig, keys: tuple[str, ...]) -> tuple[dict[str, Any], DictConfig]:
-    """Separate rescalelab's own keys from the optimizer/scheduler constructor's."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(plain, dict)
-    own = {k: plain.pop(k) for k in keys if k in plain}
-    return own, OmegaConf.create(plain)
-
-
+@checked(
+    "param_groups",
+    layer_scale=Expect(str, lambda v: v in LAYER_SCALES, "one of: none, fanin"),
+    decay_exclude=Expect(bool, allowed="true or false"),
+)
 def param_groups(
     model: nn.Module,
-    lr: float,
-    weight_decay: float,
+    geometry: dict[str, LayerGeometry] | None = None,
     layer_scale: str = "none",
     decay_exclude: bool = False,
-    geometry: dict[str, LayerGeometry] | None = None,
-) -> list[dict[str, Any]]:
+) -> Groups:
     """One group per Conv2d/Linear layer (named after it), plus ``other`` for the rest.
 
-    With ``layer_scale=fanin`` group ``l`` gets ``lr × (share_l × fanin_l)^(-1/2)``.
-    With ``decay_exclude`` biases and parameters outside Conv2d/Linear weights (BatchNorm γ, β)
-    are placed in ``<group>.no_decay`` groups with ``weight_decay=0``.
+    Each group holds ``lr_scale``, the factor of the optimizer's stepsize α it trains with
+    (:func:`build_optimizer` applies it): 1, or with ``layer_scale=fanin``
+    ``(share_l × fanin_l)^(-1/2)`` for layer ``l``. With ``decay_exclude`` biases and parameters
+    outside Conv2d/Linear weights (BatchNorm γ, β) are placed in ``<group>.no_decay`` groups
+    with ``weight_decay=0``; the other groups take the optimizer's ``weight_decay``.
     """
-    if layer_scale not in LAYER_SCALES:
-        raise ConfigError(
-            f"optim.layer_scale={layer_scale} is invalid: expected one of {LAYER_SCALES}"
-        )
     if layer_scale == "fanin" and geometry is None:
         raise ValueError("layer_scale=fanin needs the layer geometry")
-    groups: list[dict[str, Any]] = []
+    groups: Groups = []
     seen: set[int] = set()
     for name, layer in rescalable_layers(model):
         scale = geometry[name].scale if layer_scale == "fanin" and geometry else 1.0
@@ -66,31 +60,20 @@ def param_groups(
         plain += [layer.bias] if layer.bias is not None else []
         if not decay_exclude:
             decayed, plain = decayed + plain, []
-        for suffix, params, wd in (("", decayed, weight_decay), (".no_decay", plain, 0.0)):
+        for suffix, params, no_decay in (("", decayed, False), (".no_decay", plain, True)):
             params = [p for p in params if p.requires_grad]
             if params:
-                groups.append(
-                    {
-                        "name": name + suffix,
-                        "params": params,
-                        "lr": lr * scale,
-                        "weight_decay": wd,
-                        "lr_scale": scale,
-                    }
-                )
+                groups.append(_group(name + suffix, params, scale, no_decay))
                 seen.update(id(p) for p in params)
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
     if rest:
-        groups.append(
-            {
-                "name": "other",
-                "params": rest,
-                "lr": lr,
-                "weight_decay": 0.0 if decay_exclude else weight_decay,
-                "lr_scale": 1.0,
-            }
-        )
+        groups.append(_group("other", rest, 1.0, decay_exclude))
     return groups
+
+
+def _group(name: str, params: list[nn.Parameter], scale: float, no_decay: bool) -> dict[str, Any]:
+    group: dict[str, Any] = {"name": name, "params": params, "lr_scale": scale}
+    return group | ({"weight_decay": 0.0} if no_decay else {})
 
 
 def weight_params(layer: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -112,52 +95,49 @@ def weight_params(layer: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramet
 
 
 def build_optimizer(
-    cfg: DictConfig, model: nn.Module, geometry: dict[str, LayerGeometry] | None
+    optimizer: Callable[[Groups], torch.optim.Optimizer],
+    groups: Callable[..., Groups],
+    model: nn.Module,
+    geometry: dict[str, LayerGeometry] | None = None,
 ) -> torch.optim.Optimizer:
-    """Instantiate ``cfg`` (a partial torch optimizer) on the parameter groups of ``model``."""
-    own, ctor = _split(cfg, OPTIM_KEYS)
-    lr = float(ctor.get("lr", 1e-3))
-    groups = param_groups(
-        model,
-        lr=lr,
-        weight_decay=float(ctor.get("weight_decay", 0.0)),
-        layer_scale=str(own.get("layer_scale", "none")),
-        decay_exclude=bool(own.get("decay_exclude", False)),
-        geometry=geometry,
-    )
-    return instantiate(ctor)(groups)
+    """``optimizer(groups(model, geometry))``, then group ``l``'s stepsize ``α × lr_scale_l``.
+
+    The groups hold no stepsize of their own: each starts at the optimizer's α (its ``lr``,
+    from the partial or the class default) and is scaled here, as a schedule scales it later.
+    """
+    built = optimizer(groups(model, geometry=geometry))
+    for group in built.param_groups:
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+    return built
 
 
 def build_scheduler(
-    cfg: DictConfig,
+    schedule: Callable[..., LRScheduler],
     optimizer: torch.optim.Optimizer,
+    lr_scheduler_config: dict[str, Any] | None = None,
     total_steps: int | float | None = None,
     total_epochs: int | None = None,
 ) -> dict[str, Any]:
-    """Instantiate ``cfg`` (a partial scheduler factory) in Lightning's scheduler-dict form.
+    """``schedule(optimizer)`` in Lightning's lr-scheduler-config form.
 
-    ``total_steps`` / ``total_epochs`` (the run's length, known once a trainer exists) fill a
-    ``period: null`` key (``schedule=cosine``) in the schedule's own unit, and a
-    ``steps_per_epoch: null`` key (``schedule=warmup_cosine``). Schedules that watch
-    the training loss (``schedule=halving schedule.mode=plateau``) are stepped like the others:
+    ``lr_scheduler_config`` holds Lightning's ``interval`` (``step`` or ``epoch``) and
+    ``frequency``. ``total_steps`` / ``total_epochs`` (the run's length, known once a trainer
+    exists) fill a ``period=None`` argument (``schedule=cosine``) in the schedule's own unit,
+    and a ``steps_per_epoch=None`` one (``schedule=warmup_cosine``). Schedules that watch the
+    training loss (``schedule=halving schedule.mode=plateau``) are stepped like the others:
     they receive the loss of every step through :func:`observe_loss`, not through Lightning's
     ``monitor`` (which only sees the steps that are logged).
     """
-    own, ctor = _split(cfg, SCHEDULE_KEYS)
-    interval = own.get("interval", "step")
-    if interval not in ("step", "epoch"):
-        raise ConfigError(f"schedule.interval={interval} is invalid: expected 'step' or 'epoch'")
-    if "period" in ctor and ctor.period is None:
-        length = total_steps if interval == "step" else total_epochs
-        ok = length is not None and 0 < length < float("inf")
-        ctor.period = int(length) if ok else None
-    if "steps_per_epoch" in ctor and ctor.steps_per_epoch is None:
-        ctor.steps_per_epoch = _steps_per_epoch(interval, total_steps, total_epochs)
-    scheduler = instantiate(ctor)(optimizer)
-    return {
-        "scheduler": scheduler, "interval": interval, "frequency": int(own.get("frequency", 1)),
-        "reduce_on_plateau": False,  # SmoothedPlateau observes the loss itself
-    }  # fmt: skip
+    config = {"interval": "step", "frequency": 1, **(lr_scheduler_config or {})}
+    bound = getattr(schedule, "keywords", {})  # a functools.partial's arguments
+    run: dict[str, Any] = {}
+    if "period" in bound and bound["period"] is None:
+        length = total_steps if config["interval"] == "step" else total_epochs
+        run["period"] = int(length) if length is not None and 0 < length < float("inf") else None
+    if "steps_per_epoch" in bound and bound["steps_per_epoch"] is None:
+        run["steps_per_epoch"] = _steps_per_epoch(config["interval"], total_steps, total_epochs)
+    # SmoothedPlateau observes the loss itself: Lightning must not pass it a monitored metric.
+    return {"scheduler": schedule(optimizer, **run), **config, "reduce_on_plateau": False}
 
 
 def _steps_per_epoch(

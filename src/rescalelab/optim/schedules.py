@@ -1,9 +1,9 @@
 """Stepsize schedules as multipliers of each parameter group's base stepsize.
 
 Every schedule here multiplies each group's *initial* lr by the same factor, so the per-layer
-scales of ``optim.layer_scale`` survive any schedule: group ``l`` uses
+scales of ``param_groups.layer_scale`` survive any schedule: group ``l`` uses
 ``α_k · (share_l × fanin_l)^(-1/2)``. ``k`` counts scheduler steps from 0 (optimizer steps, or
-epochs with ``interval: epoch``); ``α_0 = optim.lr`` is the first stepsize used.
+epochs with ``lr_scheduler_config.interval=epoch``); ``α_0 = optim.lr`` is the first stepsize.
 
 * ``constant``  α_k = α                                          (Theorem 4.6)
 * ``halving``   α_k = α · 2^(-⌊k/T⌋), or ÷2 whenever the smoothed training loss stops decreasing
@@ -28,9 +28,11 @@ from torch.optim.lr_scheduler import (
     SequentialLR,
 )
 
-from rescalelab.errors import ConfigError
+from rescalelab.errors import ConfigError, Expect, checked
 
 HALVING_MODES = ("every", "plateau")
+STEPS = Expect(int, lambda v: v >= 1, "an integer >= 1")
+FACTOR = Expect(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 class ConstantFactor:
@@ -92,12 +94,6 @@ class SmoothedPlateau(ReduceLROnPlateau):
         threshold: float = 1e-3,
         min_lr: float = 0.0,
     ) -> None:
-        if not 0 < smoothing <= 1:
-            raise ConfigError(
-                f"schedule.smoothing={smoothing} is invalid: expected a number in (0, 1]"
-            )
-        if not isinstance(patience, int) or patience < 0:
-            raise ConfigError(f"schedule.patience={patience} is invalid: expected an integer >= 0")
         super().__init__(
             optimizer, mode="min", factor=0.5, patience=patience, threshold=threshold,
             threshold_mode="rel", min_lr=min_lr,
@@ -141,6 +137,14 @@ def constant(optimizer: torch.optim.Optimizer) -> LambdaLR:
     return LambdaLR(optimizer, ConstantFactor())
 
 
+@checked(
+    "schedule",
+    mode=Expect(str, lambda v: v in HALVING_MODES, "one of: every, plateau"),
+    every=STEPS,
+    smoothing=Expect(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    patience=Expect(int, lambda v: v >= 0, "an integer >= 0"),
+    threshold=Expect(float, lambda v: v >= 0, "a number >= 0"),
+)
 def halving(
     optimizer: torch.optim.Optimizer,
     mode: str = "every",
@@ -151,41 +155,32 @@ def halving(
 ) -> LambdaLR | SmoothedPlateau:
     """α ÷ 2 every ``every`` steps (``mode=every``), or on a plateau of the smoothed training
     loss (``mode=plateau``, see :class:`SmoothedPlateau`): BCN's halving strategy (4.17–4.18)."""
-    if mode not in HALVING_MODES:
-        raise ConfigError(f"schedule.mode={mode} is invalid: expected one of {HALVING_MODES}")
     if mode == "every":
-        if not isinstance(every, int) or every < 1:
-            raise ConfigError(f"schedule.every={every} is invalid: expected an integer >= 1")
         return LambdaLR(optimizer, HalvingFactor(every))
     return SmoothedPlateau(optimizer, smoothing=smoothing, patience=patience, threshold=threshold)
 
 
+@checked("schedule", gamma=Expect(float, lambda v: v >= 0, "a number >= 0"))
 def inverse(optimizer: torch.optim.Optimizer, gamma: float = 391.0) -> LambdaLR:
     """α_k = β/(γ + k + 1) with β = α_0(γ + 1): Theorem 4.7's diminishing stepsize.
 
     ``optim.lr`` is α_0, the first stepsize; pick γ = β/α_0 − 1 for a target β (BCN recommend
     β = 2/(cμ) and α_0 = μ/(L M_G)). The 1/k rate needs β c μ > 1 (2βc > 1 on quadratics).
     """
-    if not gamma >= 0:
-        raise ConfigError(f"schedule.gamma={gamma} is invalid: expected a number >= 0")
     return LambdaLR(optimizer, InverseFactor(float(gamma)))
 
 
+@checked("schedule", period=STEPS, min_factor=FACTOR)
 def cosine(
     optimizer: torch.optim.Optimizer, period: int | None = None, min_factor: float = 0.0
 ) -> LambdaLR:
     """α_k = α (m + (1 − m)·½(1 + cos(πk/P))), constant at α·m after P steps.
 
-    ``period`` = P defaults to the length of the run (filled in by ``build_scheduler``).
+    ``period`` = P defaults to the length of the run (filled in by ``build_scheduler``); a run
+    of unknown length (``trainer.max_epochs=-1``) gets P = 1, the constant α·m from step 1.
     """
     if period is None:
-        period = 1  # only a dry build (before the run length is known) gets here
-    if not isinstance(period, int) or period < 1:
-        raise ConfigError(f"schedule.period={period} is invalid: expected an integer >= 1")
-    if not 0 <= min_factor <= 1:
-        raise ConfigError(
-            f"schedule.min_factor={min_factor} is invalid: expected a number in [0, 1]"
-        )
+        period = 1
     return LambdaLR(optimizer, CosineFactor(period, float(min_factor)))
 
 
@@ -207,6 +202,14 @@ class WarmupCosine(SequentialLR):
                 scheduler.base_lrs = base
 
 
+@checked(
+    "schedule",
+    warmup_epochs=Expect(float, lambda v: v >= 0, "a number >= 0"),
+    final_factor=FACTOR,
+    start_factor=Expect(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    period=STEPS,
+    steps_per_epoch=Expect(int, lambda v: v >= 1, "an integer >= 1 or null"),
+)
 def warmup_cosine(
     optimizer: torch.optim.Optimizer,
     warmup_epochs: float = 5.0,
@@ -218,22 +221,15 @@ def warmup_cosine(
     """Linear warm-up from α·s to α over W steps, then cosine from α to α·f at step P.
 
     ``W = round(warmup_epochs × steps_per_epoch)`` (the schedule's steps per epoch: batches
-    per epoch with ``interval: step``, 1 with ``interval: epoch``) and ``P = period`` (the
+    per epoch with ``interval=step``, 1 with ``interval=epoch``) and ``P = period`` (the
     whole run); both are filled in by ``build_scheduler`` when null. Built from torch's
     schedulers: ``LinearLR(s, 1, W)`` then ``CosineAnnealingLR(P − W, η_min = f·α)``, joined
     by ``SequentialLR`` at milestone W. torch's ``η_min`` is one number for all groups, so
-    ``final_factor > 0`` needs one base stepsize in every group (``optim.layer_scale=none``);
-    with ``final_factor = 0`` every group's stepsize is its own base times the same factor.
+    ``final_factor > 0`` needs one base stepsize in every group
+    (``param_groups.layer_scale=none``); with ``final_factor = 0`` every group's stepsize is
+    its own base times the same factor.
     """
-    checks = [
-        ("warmup_epochs", warmup_epochs, warmup_epochs >= 0, "a number >= 0"),
-        ("final_factor", final_factor, 0 <= final_factor <= 1, "a number in [0, 1]"),
-        ("start_factor", start_factor, 0 < start_factor <= 1, "a number in (0, 1]"),
-    ]
-    for key, value, ok, allowed in checks:
-        if not ok:
-            raise ConfigError(f"schedule.{key}={value!r} is invalid: expected {allowed}")
-    dry = period is None or steps_per_epoch is None  # before the run length is known
+    dry = period is None or steps_per_epoch is None  # a run of unknown length: no warm-up
     period = 2 if period is None else int(period)
     warmup = 0 if dry else round(warmup_epochs * steps_per_epoch)
     if not dry and warmup >= period:
@@ -245,7 +241,7 @@ def warmup_cosine(
     if final_factor > 0 and len(bases) > 1:
         raise ConfigError(
             f"schedule.final_factor={final_factor!r} is invalid with per-group stepsizes "
-            "(optim.layer_scale=fanin): expected 0, since torch's CosineAnnealingLR has one "
+            "(param_groups.layer_scale=fanin): expected 0, since torch's CosineAnnealingLR has one "
             "eta_min for all groups"
         )
     eta_min = final_factor * next(iter(bases))

@@ -13,7 +13,7 @@ class TinyMLP(nn.Module):
     """x ↦ W₂ · relu(plug(W₁ · flatten(x) + b₁)) + b₂ with ``hidden`` hidden units.
 
     Takes what every rescalelab model takes (``input_shape``, ``num_classes`` from the data and
-    the norm plug), so ``norm=bn`` or ``optim.layer_scale=fanin`` work on it unchanged.
+    the norm plug), so ``norm=bn`` or ``param_groups.layer_scale=fanin`` work on it unchanged.
     """
 
     def __init__(

@@ -13,7 +13,7 @@ class SignSGD(torch.optim.Optimizer):
 
     Every weight moves by exactly ±α per step (0 where the gradient is 0), whatever the scale
     of the gradient: the extreme case of a per-weight rescaling of the stepsize. Works on
-    rescalelab's parameter groups, so ``optim.layer_scale=fanin`` scales α per layer.
+    rescalelab's parameter groups, so ``param_groups.layer_scale=fanin`` scales α per layer.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0) -> None:
