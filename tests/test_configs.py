@@ -74,7 +74,7 @@ def test_param_groups_node_builds_the_groups_as_written(method):
     """``param_groups`` is a plain partial f(model, geometry) -> groups; a method sets its keys."""
     from rescalelab.models import SmallCNN, layer_geometry
 
-    cfg = _compose(f"method={method}")
+    cfg = compose_train(f"method={method}")
     validate(cfg)
     assert "layer_scale" not in cfg.optim and "decay_exclude" not in cfg.optim
     model = SmallCNN((3, 32, 32), 10)

@@ -32,8 +32,6 @@ FAMILIES = {
 }
 
 
-
-
 def _optimizer(cfg, model, geometry):
     """What the LightningModule does with the built partials of ``optim`` and ``param_groups``."""
     return build_optimizer(instantiate(cfg.optim), instantiate(cfg.param_groups), model, geometry)
