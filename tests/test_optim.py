@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_module
 
 from rescalelab.data.convex import LogisticData, QuadraticData
 from rescalelab.errors import ConfigError
-from rescalelab.models import SmallCNN, layer_geometry
+from rescalelab.geometry import layer_geometry
+from rescalelab.models import SmallCNN
 from rescalelab.optim import build_optimizer, build_scheduler
 from rescalelab.optim.schedules import SmoothedPlateau
 from rescalelab.validate import validate

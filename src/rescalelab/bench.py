@@ -150,13 +150,12 @@ def step_timer(
     ``bf16``: forward and loss under ``torch.autocast(bfloat16)`` (weights, gradients and the
     whitening statistics stay float32), as ``trainer.precision=bf16-mixed`` runs them.
     """
-    from rescalelab.models import layer_geometry
+    from rescalelab.geometry import layer_geometry
 
     shape = (3, image, image)
     plug = _norm_plug(norm_name, **norm_kw)
     model = _model(model_name, shape, plug).to(device)
-    layer_geometry(model, shape)
-    plug.prepare(model, shape)
+    plug.prepare(model, layer_geometry(model, shape))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = _synthetic(batch * 4, shape, 10, device)
     state = {"k": 0}
@@ -440,6 +439,7 @@ def baseline_timer(
 ) -> Callable[[], float]:  # fmt: skip
     """Seconds per training step of one norm plug and optimizer (docs/baselines.md)."""
     from rescalelab import norm as norms
+    from rescalelab.geometry import layer_geometry
     from rescalelab.models import ResNet20, SmallCNN
     from rescalelab.optim.preconditioned import SOAP, Muon
 
@@ -457,7 +457,7 @@ def baseline_timer(
     shape = (3, image, image)
     plug = plugs[norm_name]()
     model = (ResNet20 if model_name == "resnet20" else SmallCNN)(shape, 10, norm=plug).to(device)
-    plug.prepare(model, shape)
+    plug.prepare(model, layer_geometry(model, shape))
     opt = optims[optim_name](list(model.parameters()))
     x, y = _synthetic(batch * 4, shape, 10, device)
     state = {"k": 0}

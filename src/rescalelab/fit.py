@@ -33,7 +33,7 @@ from rescalelab.callbacks.guard import Diverged
 from rescalelab.console import console, quiet_stack
 from rescalelab.distributed import check_launch
 from rescalelab.errors import ConfigError
-from rescalelab.models.geometry import layer_geometry, rescalable_layers
+from rescalelab.geometry import layer_geometry, rescalable_layers
 from rescalelab.module import Classifier
 from rescalelab.optim import build_optimizer, build_scheduler
 from rescalelab.resume import check_unchanged, plan_resume, write_run_files
@@ -73,7 +73,7 @@ def build_components(cfg: DictConfig) -> dict[str, Any]:
             f"norm={norm.name} is invalid for this model: it has no Conv2d/Linear layer"
         )
     geometry = layer_geometry(model, datamodule.input_shape)
-    norm.prepare(model, datamodule.input_shape)
+    norm.prepare(model, geometry)
     # Build the optimizer and schedule once now, so that their errors come before the run.
     try:
         optimizer = build_optimizer(cfg.optim, model, geometry)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from rescalelab.errors import ConfigError
-from rescalelab.models.geometry import LayerGeometry, rescalable_layers
+from rescalelab.geometry import LayerGeometry, rescalable_layers
 
 OPTIM_KEYS = ("layer_scale", "decay_exclude")
 SCHEDULE_KEYS = ("interval", "frequency")
