@@ -73,9 +73,8 @@ class BnWarmupSwitch(pl.Callback):
         if not self.plug.due(trainer.current_epoch):
             return
         batches = first_batches(trainer, pl_module.device, self.plug.whitening.init_batches)
-        loss = getattr(
-            pl_module, "_loss", None
-        )  # the module's objective (cross-entropy by default)
+        # The module's objective (cross-entropy by default) for the losses before and after.
+        loss = getattr(pl_module, "_loss", None)
         before, after = self.plug.switch_model(pl_module.model, batches, loss)
         step = trainer.global_step
         self.plug.switched_at_step = step
