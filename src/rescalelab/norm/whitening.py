@@ -1,5 +1,7 @@
 """``norm=whitening``: the diagonal-rescaling ("whitening") reparametrization of Lafond,
-Vasilache & Bottou, implemented as a zero-overhead transform of the ordinary gradients.
+Vasilache & Bottou, implemented as a zero-overhead transform of the ordinary gradients. (One
+concept in one file, if a long one: the statistics, the transform and the plug of this one
+reparametrization.)
 
 **The reparametrization** (lecture, part 2). Every Conv2d and Linear layer ``y_j = b_j + Σ_i w_ij x_i``
 is trained as if it were written
