@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import rescalelab
+from rescalelab.geometry import layer_geometry
 from rescalelab.norm import BatchNorm, NoNorm, NormPlug, Whitening
 
 CONF = Path(rescalelab.__file__).parent / "conf"
@@ -42,7 +43,7 @@ def default_interval() -> int:
 def build(model: str, plug: NormPlug, shape: tuple[int, int, int], device: str):
     cfg = OmegaConf.load(CONF / "model" / f"{model}.yaml")
     net = instantiate(cfg, input_shape=shape, num_classes=10, norm=plug).to(device)
-    plug.prepare(net, shape)
+    plug.prepare(net, layer_geometry(net, shape))
     return net
 
 

@@ -9,7 +9,8 @@ from torch import nn
 from torchvision.models import alexnet as tv_alexnet
 
 from rescalelab.errors import ConfigError
-from rescalelab.models import AlexNet, layer_geometry, rescalable_layers
+from rescalelab.geometry import layer_geometry, rescalable_layers
+from rescalelab.models import AlexNet
 from rescalelab.norm import BatchNorm, NoNorm
 from rescalelab.validate import check_num_classes
 

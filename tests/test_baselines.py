@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
-from rescalelab.models import ResNet20, SmallCNN, layer_geometry
+from rescalelab.geometry import layer_geometry
+from rescalelab.models import ResNet20, SmallCNN
 from rescalelab.norm import BatchNorm, BatchRenormPlug, BnWarmup, GroupNorm, WeightNorm
 from rescalelab.norm.batch_renorm import BatchRenorm
 from rescalelab.norm.fold import batchnorm_pairs
@@ -56,7 +57,7 @@ def test_weight_norm_keeps_each_units_norm_equal_to_its_gain_while_training():
     model = SmallCNN(SHAPE, 10, norm=plug)
     before = {n: m.weight.detach().clone() for n, m in model.named_modules()
               if isinstance(m, (nn.Conv2d, nn.Linear))}  # fmt: skip
-    plug.prepare(model, SHAPE)
+    plug.prepare(model, layer_geometry(model, SHAPE))
     x, _ = _data()
     with torch.no_grad():  # at the start g_j = ||w_j||: the function is the initial network's
         for name, w in before.items():
@@ -327,7 +328,7 @@ def test_resnet20_takes_every_norm_plug():
     x, _ = _data(4)
     for plug in (GroupNorm(groups=8), BatchRenormPlug(), WeightNorm()):
         model = ResNet20(SHAPE, 10, norm=plug)
-        plug.prepare(model, SHAPE)
+        plug.prepare(model, layer_geometry(model, SHAPE))
         assert model(x).shape == (4, 10)
     assert [m.num_groups for m in ResNet20(SHAPE, 10, norm=GroupNorm(8)).modules()
             if isinstance(m, nn.GroupNorm)][:1] == [8]  # fmt: skip
@@ -338,7 +339,7 @@ def test_bn_warmup_switch_on_resnet20_keeps_the_function():
     torch.manual_seed(0)
     plug = BnWarmup(warmup_epochs=1, init_batches=2)
     model = ResNet20(SHAPE, 10, norm=plug)
-    plug.prepare(model, SHAPE)
+    plug.prepare(model, layer_geometry(model, SHAPE))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for k in range(5):  # move the weights, γ, β and the running statistics away from init
         x, y = _data(seed=k)

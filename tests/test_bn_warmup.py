@@ -14,12 +14,14 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, StepLR
 
+from rescalelab.callbacks.bn_warmup import continue_schedule
 from rescalelab.data import SyntheticImages
 from rescalelab.errors import ConfigError
-from rescalelab.models import SmallCNN, layer_geometry
+from rescalelab.geometry import layer_geometry
+from rescalelab.models import SmallCNN
 from rescalelab.module import Classifier
 from rescalelab.norm import BatchNorm, BnWarmup
-from rescalelab.norm.bn_warmup import STATE_KEY, continue_schedule
+from rescalelab.norm.bn_warmup import STATE_KEY
 from rescalelab.norm.fold import fold_batchnorm
 from rescalelab.validate import validate
 from tests.helpers import all_runs, assert_ok, compose_train, history, run_cli
@@ -100,7 +102,7 @@ def test_switch_keeps_the_function_and_initialises_mu_var_from_the_folded_inputs
     torch.manual_seed(0)
     plug = BnWarmup(warmup_epochs=1, init_batches=3)
     model = SmallCNN(SHAPE, 10, plug)
-    plug.prepare(model, SHAPE)
+    plug.prepare(model, layer_geometry(model, SHAPE))
     _randomize_bn(model)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(16, *SHAPE, generator=g), torch.randint(0, 10, (16,), generator=g))
@@ -192,7 +194,7 @@ def _fit(tmp: Path, max_epochs: int, ckpt_path: str | None = None):
     plug = BnWarmup(warmup_epochs=1, init_batches=2)
     model = SmallCNN(SHAPE, 10, plug)
     geometry = layer_geometry(model, SHAPE)
-    plug.prepare(model, SHAPE)
+    plug.prepare(model, geometry)
     optim = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
     schedule = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=3, gamma=0.8)
     module = Classifier(model, 10, optim, schedule, plug, geometry)
@@ -244,7 +246,7 @@ def test_switch_in_a_lightning_fit_rebuilds_the_optimizer_and_resumes_whitened(t
 def test_warmup_zero_is_whitening_from_the_start():
     plug = BnWarmup(warmup_epochs=0)
     model = SmallCNN(SHAPE, 10, plug)
-    plug.prepare(model, SHAPE)
+    plug.prepare(model, layer_geometry(model, SHAPE))
     assert plug.switched_at_step == 0
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert hasattr(model.features[0], "rescale_mean")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from rescalelab.norm.bn_warmup import continue_schedule
+from rescalelab.callbacks.bn_warmup import continue_schedule
 from rescalelab.optim.schedules import SmoothedPlateau
 from tests.helpers import all_runs, assert_ok, history, run_cli
 

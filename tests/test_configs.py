@@ -72,7 +72,8 @@ def test_every_group_option_composes_and_instantiates(group, option):
 @pytest.mark.parametrize("method", [p.stem for p in sorted((CONF / "method").glob("*.yaml"))])
 def test_param_groups_node_builds_the_groups_as_written(method):
     """``param_groups`` is a plain partial f(model, geometry) -> groups; a method sets its keys."""
-    from rescalelab.models import SmallCNN, layer_geometry
+    from rescalelab.geometry import layer_geometry
+    from rescalelab.models import SmallCNN
 
     cfg = compose_train(f"method={method}")
     validate(cfg)

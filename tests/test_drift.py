@@ -22,6 +22,7 @@ from rescalelab.callbacks.drift import stats as ds
 from rescalelab.callbacks.drift.collector import StatsCollector
 from rescalelab.data import TensorDataModule
 from rescalelab.errors import ConfigError
+from rescalelab.geometry import layer_geometry
 from rescalelab.models import SmallCNN
 from rescalelab.norm import BatchNorm, Whitening
 from tests.helpers import free_port
@@ -289,7 +290,7 @@ def test_probe_leaves_every_buffer_bit_identical(norm):
     torch.manual_seed(0)
     plug = BatchNorm() if norm == "bn" else Whitening()
     model = SmallCNN((3, 32, 32), 10, norm=plug)
-    plug.prepare(model, (3, 32, 32))
+    plug.prepare(model, layer_geometry(model, (3, 32, 32)))
     model.train()
     model(torch.randn(16, 3, 32, 32))  # BN buffers away from their initial values
     if norm == "whitening":
@@ -326,7 +327,7 @@ def _tiny_fit(callbacks: list, seed: int = 0, norm: str = "bn", epochs: int = 2)
     data = SyntheticImages(num_train=256, num_val=64, batch_size=32, seed=seed)
     plug = BatchNorm() if norm == "bn" else Whitening()
     model = SmallCNN(data.input_shape, 10, norm=plug)
-    plug.prepare(model, data.input_shape)
+    plug.prepare(model, layer_geometry(model, data.input_shape))
     optim = functools.partial(torch.optim.SGD, lr=0.05)
     sched = constant
     module = Classifier(model, 10, optim, sched, plug)
@@ -553,7 +554,7 @@ def test_a_switch_line_only_where_bn_switched_to_whitening():
 
     plug = BnWarmup(warmup_epochs=0)  # whitening from the start: switched_at_step = 0
     model = SmallCNN((3, 32, 32), 10, norm=plug)
-    plug.prepare(model, (3, 32, 32))
+    plug.prepare(model, layer_geometry(model, (3, 32, 32)))
     assert plug.switched_at_step == 0 and switch_step(plug) is None
     assert switch_step(Whitening()) is None and switch_step(BatchNorm()) is None
     warm = BnWarmup(warmup_epochs=2)

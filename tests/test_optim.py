@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 
 from rescalelab.data.convex import LogisticData, QuadraticData
 from rescalelab.errors import ConfigError, Expect, checked
-from rescalelab.models import SmallCNN, layer_geometry
+from rescalelab.geometry import layer_geometry
+from rescalelab.models import SmallCNN
 from rescalelab.optim import build_optimizer, build_scheduler
 from rescalelab.optim.schedules import SmoothedPlateau, halving
 from rescalelab.validate import RULES, check_targets, constructor_checks, uncovered_keys, validate

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rescalelab.callbacks.stepsizes import StepsizeMonitor
+from rescalelab.geometry import layer_geometry
 from rescalelab.norm import Whitening
 from tests.helpers import all_runs, assert_ok, history, run_cli
 
@@ -99,7 +100,7 @@ def test_adam_logs_the_realised_per_coordinate_step(root):
 def test_update_ratio_is_the_norm_of_the_step_over_the_norm_of_the_weight():
     model = nn.Sequential(nn.Linear(4, 3))
     plug = Whitening(eps=1e-5)
-    plug.prepare(model, (4,))
+    plug.prepare(model, layer_geometry(model, (4,)))
     layer = model[0]
     layer.rescale_var.copy_(torch.tensor([1e-6, 0.5, 2.0, 1e-4]))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

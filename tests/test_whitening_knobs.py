@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rescalelab.errors import ConfigError
-from rescalelab.models.geometry import LayerGeometry
+from rescalelab.geometry import LayerGeometry
 from rescalelab.norm import Whitening
 from rescalelab.norm.bn_warmup import BnWarmup
 from rescalelab.norm.whitening import WhitenedLayers

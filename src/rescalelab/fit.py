@@ -33,7 +33,7 @@ from rescalelab.callbacks.guard import Diverged
 from rescalelab.console import console, quiet_stack
 from rescalelab.distributed import check_launch
 from rescalelab.errors import ConfigError
-from rescalelab.models.geometry import layer_geometry, rescalable_layers
+from rescalelab.geometry import layer_geometry, rescalable_layers
 from rescalelab.module import Classifier
 from rescalelab.resume import check_unchanged, plan_resume, write_run_files
 from rescalelab.tracking import TrackedRun, flatten, read_parent
@@ -77,7 +77,7 @@ def build_components(cfg: DictConfig) -> dict[str, Any]:
             f"norm={norm.name} is invalid for this model: it has no Conv2d/Linear layer"
         )
     geometry = layer_geometry(model, datamodule.input_shape)
-    norm.prepare(model, datamodule.input_shape)
+    norm.prepare(model, geometry)
     # Partials (optimizer, schedule, groups): Lightning calls them once, in configure_optimizers.
     optimizer, schedule = _build("optim", cfg.optim), _build("schedule", cfg.schedule)
     module = Classifier(

@@ -15,7 +15,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from rescalelab.models.geometry import LayerGeometry
+from rescalelab.geometry import LayerGeometry
 from rescalelab.norm import NoNorm, NormPlug
 from rescalelab.optim import Groups, build_optimizer, build_scheduler, observe_loss, param_groups
 
@@ -105,8 +105,8 @@ class Classifier(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.norm.on_train_batch_start(self.model, batch[0], self.global_step)
 
-    def on_train_epoch_start(self) -> None:
-        self.norm.on_train_epoch_start(self)  # norm=bn_warmup switches to whitening here
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return self.norm.callbacks()  # norm=bn_warmup: the callback that switches to whitening
 
     def on_train_start(self) -> None:
         cap_log_interval(self.trainer)

@@ -12,6 +12,7 @@ from torch import nn
 
 from rescalelab import norm as norms
 from rescalelab.bench.timing import sync
+from rescalelab.geometry import layer_geometry
 from rescalelab.models import AlexNet, ResNet20, SmallCNN
 from rescalelab.optim.preconditioned import SOAP, Muon
 
@@ -53,7 +54,7 @@ def step_timer(
     shape = (3, image, image)
     plug = PLUGS[norm_name]()
     model = MODELS[model_name](shape, 10, norm=plug).to(device)
-    plug.prepare(model, shape)
+    plug.prepare(model, layer_geometry(model, shape))
     opt = OPTIMIZERS[optim](list(model.parameters()))
     x, y = synthetic(batch * 4, shape, 10, device)
     state = {"k": 0}

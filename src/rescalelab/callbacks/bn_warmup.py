@@ -1,5 +1,17 @@
-"""``callbacks=bn_warmup``: were k BatchNorm warm-up epochs enough before whitening?
+"""``norm=bn_warmup``'s switch (:class:`BnWarmupSwitch`) and ``callbacks=bn_warmup``: were k
+BatchNorm warm-up epochs enough before whitening?
 
+**The switch.** ``norm=bn_warmup`` brings :class:`BnWarmupSwitch` to every fit
+(``Classifier.configure_callbacks``). At the start of epoch ``norm.warmup_epochs`` it takes the
+first ``init_batches`` training batches of the epoch, has the plug fold BN and whiten the model
+(``BnWarmup.switch_model``), rebuilds the optimizer and its schedule through Lightning's public
+``strategy.setup_optimizers`` (which calls ``configure_optimizers``; under DDP the model is
+wrapped again first, since DistributedDataParallel records its parameters when it is built),
+moves the new schedule to the old one's position (:func:`continue_schedule`) and logs
+``norm/switch_step``, ``norm/loss_before_switch``, ``norm/loss_after_switch`` once, on rank 0,
+through ``trainer.loggers`` at the switch step.
+
+**The monitor.**
 With ``norm=bn_warmup`` the network trains with BatchNorm for ``norm.warmup_epochs`` epochs,
 then BN is folded into the layers and training continues in the whitened parametrization (μ_i,
 α_i running estimates of each layer's inputs, β_j² = 1/sqrt(share·fanin)). The lecture: without
@@ -28,6 +40,7 @@ as ``drift/bn_warmup.json``.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,13 +49,117 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from rescalelab.callbacks.drift import DriftMonitor
 from rescalelab.callbacks.drift.monitor import steps_per_epoch as _steps_per_epoch
 from rescalelab.errors import ConfigError
 
 LAG_STATS = ("lag_mean_z_probe", "lag_logvar_probe", "lag_mean_z", "lag_logvar")
+
+
+class BnWarmupSwitch(pl.Callback):
+    """Switches ``plug`` (a :class:`~rescalelab.norm.bn_warmup.BnWarmup`) from BN to whitening
+    at the start of its epoch, rebuilds the optimizer and logs the switch (module docstring)."""
+
+    def __init__(self, plug: Any) -> None:
+        super().__init__()
+        self.plug = plug
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.plug.due(trainer.current_epoch):
+            return
+        batches = first_batches(trainer, pl_module.device, self.plug.whitening.init_batches)
+        # The module's objective (cross-entropy by default) for the losses before and after.
+        loss = getattr(pl_module, "_loss", None)
+        before, after = self.plug.switch_model(pl_module.model, batches, loss)
+        step = trainer.global_step
+        self.plug.switched_at_step = step
+        rebuild_optimizers(trainer)
+        if not trainer.is_global_zero:
+            return
+        logging.getLogger("rescalelab.norm.bn_warmup").info(f"bn_warmup: switched to whitening at step {step} (epoch {trainer.current_epoch}): BN folded, loss {before:.4g} -> {after:.4g}")  # fmt: skip
+        metrics = {
+            "norm/switch_step": float(step),
+            "norm/loss_before_switch": before,
+            "norm/loss_after_switch": after,
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+
+def first_batches(trainer: pl.Trainer, device: torch.device, n: int) -> list[tuple[Tensor, Tensor]]:
+    """The first ``n`` training batches of the current epoch, without touching the loop's iterator."""
+    from rescalelab.data.tensor_batches import TensorBatches  # the data package imports Lightning
+
+    loader = trainer.train_dataloader
+    if isinstance(loader, TensorBatches):
+        source: Any = TensorBatches(
+            loader.x, loader.y, loader.batch_size, shuffle=loader.shuffle, seed=loader.seed,
+            drop_last=loader.drop_last, transform=loader.transform, rank=loader.rank,
+            world_size=loader.world_size,
+        )  # fmt: skip
+        source.set_epoch(trainer.current_epoch)
+    else:
+        source = loader
+    batches = []
+    for x, y in source:
+        batches.append((x.to(device), y.to(device)))
+        if len(batches) == n:
+            break
+    return batches
+
+
+def rebuild_optimizers(trainer: pl.Trainer) -> None:
+    """Re-run ``configure_optimizers`` for the current parameters; schedules keep their position.
+
+    Under DDP the model is wrapped again (``DDPStrategy.configure_ddp``), since
+    DistributedDataParallel records its parameters when it is built.
+    """
+    old = [config.scheduler for config in trainer.lr_scheduler_configs]
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and trainer.world_size > 1:
+        strategy.model = strategy.lightning_module
+        strategy.configure_ddp()
+    strategy.setup_optimizers(trainer)
+    for before, config in zip(old, trainer.lr_scheduler_configs):
+        continue_schedule(before, config.scheduler)
+
+
+def continue_schedule(old: LRScheduler, new: LRScheduler) -> None:
+    """Move the freshly built scheduler ``new`` to ``old``'s position, stepsizes included.
+
+    ``LambdaLR`` (every factor schedule of ``rescalelab.optim.schedules``) is set in closed
+    form, ``α_k = base × factor(k)``. Any other scheduler gets ``old``'s non-per-group state
+    (step count, plateau counters) and each group its own initial stepsize times the ratio of
+    the same-named old group's current to initial stepsize (so a new base stepsize, e.g.
+    ``lr_after_switch``, carries over); a group the old optimizer did not have takes the first
+    group's ratio. The stepsizes are set on the optimizer's groups, which is what the next
+    ``optimizer.step()`` uses; ``new.get_last_lr()`` reports them from its next step on.
+    """
+    k = old.last_epoch
+    groups = new.optimizer.param_groups
+    if isinstance(new, LambdaLR):
+        new.last_epoch = k
+        for group, base, lam in zip(groups, new.base_lrs, new.lr_lambdas):
+            group["lr"] = base * lam(k)
+        return
+    n_old = len(old.optimizer.param_groups)
+    state = {
+        key: value for key, value in old.state_dict().items()
+        if not (isinstance(value, list) and len(value) == n_old)
+    }  # fmt: skip
+    new.load_state_dict({**new.state_dict(), **state})
+    ratio_of = {
+        g.get("name"): g["lr"] / g.get("initial_lr", g["lr"]) for g in old.optimizer.param_groups
+    }
+    first = next(iter(ratio_of.values()), 1.0)
+    for group in groups:
+        ratio = ratio_of.get(group.get("name"), first)
+        group["lr"] = group.get("initial_lr", group["lr"]) * ratio
 
 
 class BNWarmupMonitor(pl.Callback):
@@ -78,11 +195,12 @@ class BNWarmupMonitor(pl.Callback):
             rank_zero_info(f"callbacks.bn_warmup: norm={name} has no BN warm-up: nothing to log")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Callbacks run before the module's hook, in which norm=bn_warmup switches: when this
-        # epoch start is the switch, have the drift monitor instrument its first steps.
-        if not self.active or self.drift is None or self.plug.switched_at_step is not None:
+        # This monitor runs before BnWarmupSwitch (the module's callbacks come after the
+        # configured ones): when this epoch start is the switch, have the drift monitor
+        # instrument its first steps.
+        if not self.active or self.drift is None:
             return
-        if trainer.current_epoch >= int(self.plug.warmup_epochs):
+        if self.plug.due(trainer.current_epoch):
             s = trainer.global_step
             self.drift.extra_steps.update(range(s, s + self.extra_steps))
 
@@ -97,12 +215,7 @@ class BNWarmupMonitor(pl.Callback):
             self.switch_step = int(self.plug.switched_at_step)
 
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *_: Any
     ) -> None:
         if not self.active or self._done:
             return

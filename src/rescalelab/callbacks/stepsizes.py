@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from rescalelab.errors import ConfigError
-from rescalelab.models.geometry import rescalable_layers
+from rescalelab.geometry import rescalable_layers
 
 ADAPTIVE = ("exp_avg_sq", "square_avg", "sum")  # Adam(W), RMSprop, Adagrad state keys
 

@@ -40,13 +40,9 @@ class AlexNet(nn.Module):
     """
 
     def __init__(
-        self,
-        input_shape: tuple[int, int, int],
-        num_classes: int,
-        norm: NormPlug | None = None,
-        dropout: float = 0.5,
-        pool_size: int = 6,
-    ) -> None:
+        self, input_shape: tuple[int, int, int], num_classes: int, norm: NormPlug | None = None,
+        dropout: float = 0.5, pool_size: int = 6,
+    ) -> None:  # fmt: skip
         super().__init__()
         norm = norm or NoNorm()
         c, h, w = input_shape

@@ -3,8 +3,11 @@
 Models never import a normalization choice. They receive a plug and ask it, for every hidden
 layer, ``plug.conv(channels)`` / ``plug.linear(features)`` for the module that follows the
 layer (``nn.Identity`` for no normalization, BatchNorm for ``norm=bn``). A plug may also
-``prepare`` the built model (register statistics, wrap layers) and act on the gradients
-``before_optimizer_step``; ``norm=whitening`` uses those two.
+``prepare`` the built model with its layer geometry (register statistics, wrap layers), act on
+the gradients ``before_optimizer_step`` (``norm=whitening`` uses those two) and bring the
+Lightning callbacks it needs (``norm=bn_warmup``: the switch). The interface is
+:class:`~rescalelab.norm.plug.NormPlug`; the plugs depend on ``rescalelab.geometry`` only, never
+on the models.
 
 Options: ``none`` (:class:`NoNorm`), ``bn`` (:class:`BatchNorm`), ``whitening``
 (:class:`~rescalelab.norm.whitening.Whitening`, the Lafond–Vasilache–Bottou reparametrization
@@ -19,7 +22,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from rescalelab.norm.batch_independent import GroupNorm, LayerNorm
+from rescalelab.norm.batch_renorm import BatchRenormPlug
+from rescalelab.norm.bn_warmup import BnWarmup
 from rescalelab.norm.plug import NormPlug
+from rescalelab.norm.weight_norm import WeightNorm
+from rescalelab.norm.whitening import Whitening
 
 
 class NoNorm(NormPlug):
@@ -47,14 +55,6 @@ class BatchNorm(NormPlug):
     def linear(self, features: int) -> nn.Module:
         return nn.BatchNorm1d(features, eps=self.eps, momentum=self.momentum)
 
-
-# Imported last: whitening needs rescalelab.models.geometry, and the models import NoNorm/NormPlug
-# from this package, which are defined above by then.
-from rescalelab.norm.batch_independent import GroupNorm, LayerNorm  # noqa: E402
-from rescalelab.norm.batch_renorm import BatchRenormPlug  # noqa: E402
-from rescalelab.norm.bn_warmup import BnWarmup  # noqa: E402
-from rescalelab.norm.weight_norm import WeightNorm  # noqa: E402
-from rescalelab.norm.whitening import Whitening  # noqa: E402
 
 __all__ = [
     "BatchNorm",

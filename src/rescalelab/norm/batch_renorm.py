@@ -25,6 +25,9 @@ The limits are computed on the device from the counter (no host synchronisation 
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -39,26 +42,53 @@ def _ramp(k: Tensor, start: int, steps: int) -> Tensor:
     return ((k.to(torch.float32) - start) / steps).clamp(0.0, 1.0)
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class Relaxation:
+    """The schedule of the limits: ``r_max(k)``, ``d_max(k)`` of the module docstring."""
+
+    r_max: float = 3.0
+    d_max: float = 5.0
+    relax_start: int = 5000
+    r_relax_steps: int = 40000
+    d_relax_steps: int = 25000
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("r_max", _number(self.r_max) and self.r_max >= 1, "a number >= 1"),
+            ("d_max", _number(self.d_max) and self.d_max >= 0, "a number >= 0"),
+        ]
+        for key in ("relax_start", "r_relax_steps", "d_relax_steps"):
+            v = getattr(self, key)
+            checks.append((key, _number(v) and isinstance(v, int) and v >= 0, "an integer >= 0"))
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(
+                    f"norm.{key}={getattr(self, key)!r} is invalid: expected {allowed}"
+                )
+
+    def limits(self, k: Tensor) -> tuple[Tensor, Tensor]:
+        """``(r_max(k), d_max(k))`` after ``k`` training batches (on ``k``'s device)."""
+        r = 1.0 + (self.r_max - 1.0) * _ramp(k, self.relax_start, self.r_relax_steps)
+        d = self.d_max * _ramp(k, self.relax_start, self.d_relax_steps)
+        return r, d
+
+
 class BatchRenorm(nn.Module):
-    """Batch renormalization of dim 1 (channels) of a ``(N, C)`` or ``(N, C, H, W)`` input."""
+    """Batch renormalization of dim 1 (channels) of a ``(N, C)`` or ``(N, C, H, W)`` input.
+
+    ``eps``, ``momentum`` as in BatchNorm; the other keywords are those of :class:`Relaxation`.
+    """
 
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float = 0.1,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        relax_start: int = 5000,
-        r_relax_steps: int = 40000,
-        d_relax_steps: int = 25000,
+        self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, **relaxation: Any
     ) -> None:
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.r_max, self.d_max = float(r_max), float(d_max)
-        self.relax_start, self.r_relax_steps, self.d_relax_steps = (
-            relax_start, r_relax_steps, d_relax_steps,
-        )  # fmt: skip
+        self.relaxation = Relaxation(**relaxation)
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -67,10 +97,7 @@ class BatchRenorm(nn.Module):
 
     def limits(self) -> tuple[Tensor, Tensor]:
         """``(r_max(k), d_max(k))`` at the current counter ``k``."""
-        k = self.num_batches_tracked
-        r = 1.0 + (self.r_max - 1.0) * _ramp(k, self.relax_start, self.r_relax_steps)
-        d = self.d_max * _ramp(k, self.relax_start, self.d_relax_steps)
-        return r, d
+        return self.relaxation.limits(self.num_batches_tracked)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -95,52 +122,28 @@ class BatchRenorm(nn.Module):
         return xhat * self.weight.view(shape) + self.bias.view(shape)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, r_max={self.r_max}, "
-            f"d_max={self.d_max}, relax_start={self.relax_start}"
-        )
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, {self.relaxation}"
 
 
 class BatchRenormPlug(NormPlug):
-    """``norm=batch_renorm``: :class:`BatchRenorm` after every hidden conv/linear layer."""
+    """``norm=batch_renorm``: :class:`BatchRenorm` after every hidden conv/linear layer.
+
+    ``momentum``, ``eps`` as in BatchNorm; the other keywords are those of :class:`Relaxation`
+    (the paper's schedule by default).
+    """
 
     name = "batch_renorm"
 
-    def __init__(
-        self,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        relax_start: int = 5000,
-        r_relax_steps: int = 40000,
-        d_relax_steps: int = 25000,
-        momentum: float = 0.1,
-        eps: float = 1e-5,
-    ) -> None:
-        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-        integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-        checks = [
-            ("r_max", r_max, number(r_max) and r_max >= 1, "a number >= 1"),
-            ("d_max", d_max, number(d_max) and d_max >= 0, "a number >= 0"),
-            ("relax_start", relax_start, integer(relax_start) and relax_start >= 0,
-             "an integer >= 0"),
-            ("r_relax_steps", r_relax_steps, integer(r_relax_steps) and r_relax_steps >= 0,
-             "an integer >= 0"),
-            ("d_relax_steps", d_relax_steps, integer(d_relax_steps) and d_relax_steps >= 0,
-             "an integer >= 0"),
-            ("momentum", momentum, number(momentum) and 0 < momentum <= 1, "a number in (0, 1]"),
-            ("eps", eps, number(eps) and eps > 0, "a number > 0"),
-        ]  # fmt: skip
-        for key, value, ok, allowed in checks:
-            if not ok:
-                raise ConfigError(f"norm.{key}={value!r} is invalid: expected {allowed}")
-        self.kw = {
-            "r_max": r_max, "d_max": d_max, "relax_start": relax_start,
-            "r_relax_steps": r_relax_steps, "d_relax_steps": d_relax_steps,
-            "momentum": momentum, "eps": eps,
-        }  # fmt: skip
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5, **relaxation: Any) -> None:
+        if not (_number(momentum) and 0 < momentum <= 1):
+            raise ConfigError(f"norm.momentum={momentum!r} is invalid: expected a number in (0, 1]")
+        if not (_number(eps) and eps > 0):
+            raise ConfigError(f"norm.eps={eps!r} is invalid: expected a number > 0")
+        self.momentum, self.eps = momentum, eps
+        self.relaxation = Relaxation(**relaxation)
 
     def conv(self, channels: int) -> nn.Module:
-        return BatchRenorm(channels, **self.kw)
+        return BatchRenorm(channels, self.eps, self.momentum, **asdict(self.relaxation))
 
     def linear(self, features: int) -> nn.Module:
-        return BatchRenorm(features, **self.kw)
+        return BatchRenorm(features, self.eps, self.momentum, **asdict(self.relaxation))

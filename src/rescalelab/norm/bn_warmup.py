@@ -5,21 +5,26 @@ start of epoch ``k = warmup_epochs`` the switch is exact:
 
 1. every BatchNorm is folded into the layer it follows (``rescalelab.norm.fold``): the plain
    network computes the BN network's eval-mode outputs;
-2. whitening is attached to the folded layers and its ``μ``, ``Var`` are initialised from a
-   no-grad pass (training mode) over ``init_batches`` training batches of the folded network —
-   BN's own running statistics describe the previous layer's pre-activations, not these
-   inputs — so the function is unchanged (whitening never changes it, see ``whitening.py``);
-3. the optimizer is rebuilt by Lightning (``configure_optimizers``) for the new parameter
-   list: its state (momentum buffers, Adam moments) starts from zero, and the schedule
-   continues from its current position. ``lr_after_switch`` (when set) replaces ``optim.lr``
-   as the base stepsize α of the whitened phase: the groups get ``lr_after_switch × (layer
-   scale) × (schedule factor at the current step)``. The switch changes the effective step
-   (at the same α, ‖Δw‖/‖w‖ fell 10–100× after it), so the whitened phase needs its own;
-4. the switch is logged as metrics at the switch step: ``norm/switch_step``,
+2. whitening is attached to the folded layers (β² from the geometry of the fit: folding keeps
+   every layer's share and fanin) and its ``μ``, ``Var`` are initialised from a no-grad pass
+   (training mode) over ``init_batches`` training batches of the folded network — BN's own
+   running statistics describe the previous layer's pre-activations, not these inputs — so the
+   function is unchanged (whitening never changes it, see ``whitening.py``);
+3. the optimizer is rebuilt for the new parameter list: its state (momentum buffers, Adam
+   moments) starts from zero, and the schedule continues from its current position.
+   ``lr_after_switch`` (when set) replaces ``optim.lr`` as the base stepsize α of the whitened
+   phase: the groups get ``lr_after_switch × (layer scale) × (schedule factor at the current
+   step)``. The switch changes the effective step (at the same α, ‖Δw‖/‖w‖ fell 10–100× after
+   it), so the whitened phase needs its own;
+4. the switch is logged once, at the switch step: ``norm/switch_step``,
    ``norm/loss_before_switch`` (BN network, eval mode) and ``norm/loss_after_switch`` (folded,
    whitened network), both the training loss (cross-entropy) averaged over the probe batches
    of step 2. They are equal up to float rounding; they can be above the last ``train/loss``,
    which BatchNorm computed with the statistics of its own batch (train mode).
+
+This plug holds the model side (1, 2, the phase and its checkpoint state); the Lightning side
+(when to switch, the probe batches, 3 and 4) is the callback it brings to the fit,
+:class:`rescalelab.callbacks.bn_warmup.BnWarmupSwitch`.
 
 During warm-up BatchNorm uses torch's defaults (momentum 0.1, ε 1e-5). ``warmup_epochs=0``
 is whitening from the first step (``switched_at_step = 0``). A checkpoint taken after the switch
@@ -29,16 +34,15 @@ before the weights are restored, so a resumed run continues in the whitened phas
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from rescalelab.errors import ConfigError
+from rescalelab.geometry import LayerGeometry
 from rescalelab.norm.fold import batchnorm_pairs, ensure_biases, fold_batchnorm, replace_batchnorms
 from rescalelab.norm.plug import NormPlug
 from rescalelab.norm.whitening import Whitening
@@ -52,27 +56,17 @@ STATE_KEY = "rescalelab.norm"
 class BnWarmup(NormPlug):
     """``norm=bn_warmup``: BatchNorm for ``warmup_epochs`` epochs, then whitening.
 
-    ``momentum``, ``interval``, ``eps``, ``init_batches`` and the knobs for α ``eps_mode``,
-    ``max_scale``, ``min_active`` are the whitening keys (see
-    :class:`~rescalelab.norm.whitening.Whitening`); ``init_batches`` is also the number of
-    training batches of the no-grad pass that initialises ``μ``, ``Var`` at the switch.
     ``lr_after_switch``: the base stepsize α of the whitened phase (``None``: ``optim.lr``);
-    with ``warmup_epochs=0`` the whole run is whitened and uses it.
+    with ``warmup_epochs=0`` the whole run is whitened and uses it. Every other keyword is a
+    key of :class:`~rescalelab.norm.whitening.Whitening` (``momentum``, ``interval``, ``eps``,
+    ``init_batches``, the knobs for α), with its defaults; ``init_batches`` is also the number
+    of training batches of the no-grad pass that initialises ``μ``, ``Var`` at the switch.
     """
 
     name = "bn_warmup"
 
     def __init__(
-        self,
-        warmup_epochs: int = 2,
-        momentum: float = 0.1,
-        interval: int = 1,
-        eps: float = 1e-5,
-        init_batches: int = 8,
-        eps_mode: str = "absolute",
-        max_scale: float | None = None,
-        min_active: float | None = None,
-        lr_after_switch: float | None = None,
+        self, warmup_epochs: int = 2, lr_after_switch: float | None = None, **whitening: Any
     ) -> None:
         if (
             not isinstance(warmup_epochs, int)
@@ -92,11 +86,10 @@ class BnWarmup(NormPlug):
             )
         self.warmup_epochs = warmup_epochs
         self.lr_after_switch = None if lr_after_switch is None else float(lr_after_switch)
-        self.whitening = Whitening(
-            momentum, interval, eps, init_batches, eps_mode, max_scale, min_active
-        )
+        self.whitening = Whitening(**whitening)
         self.switched_at_step: int | None = None
-        self.input_shape: tuple[int, ...] | None = None
+        self.geometry: dict[str, LayerGeometry] | None = None
+        self.pairs: list[tuple[str, str]] = []  # (layer, BatchNorm) folded at the switch
 
     @property
     def phase_lr(self) -> float | None:
@@ -110,11 +103,22 @@ class BnWarmup(NormPlug):
     def linear(self, features: int) -> nn.Module:
         return nn.BatchNorm1d(features) if self.warmup_epochs > 0 else nn.Identity()
 
-    def prepare(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
-        self.input_shape = tuple(input_shape)
+    def prepare(self, model: nn.Module, geometry: dict[str, LayerGeometry]) -> None:
+        self.geometry = geometry
         if self.warmup_epochs == 0:
-            self.whitening.attach(model, self.input_shape)
+            self.whitening.attach(model, geometry)
             self.switched_at_step = 0
+
+    def due(self, epoch: int) -> bool:
+        """Whether training must switch at the start of ``epoch``."""
+        return self.switched_at_step is None and epoch >= self.warmup_epochs
+
+    def callbacks(self) -> list[pl.Callback]:
+        # Imported here: the callbacks package imports Lightning and the drift instruments,
+        # which building a model does not need.
+        from rescalelab.callbacks.bn_warmup import BnWarmupSwitch
+
+        return [BnWarmupSwitch(self)]
 
     # -- training hooks -----------------------------------------------------------------------
     def on_train_batch_start(self, model: nn.Module, batch: Tensor, step: int) -> None:
@@ -122,30 +126,6 @@ class BnWarmup(NormPlug):
 
     def before_optimizer_step(self, model: nn.Module) -> None:
         self.whitening.before_optimizer_step(model)
-
-    def on_train_epoch_start(self, module: pl.LightningModule) -> None:
-        if self.switched_at_step is None and module.current_epoch >= self.warmup_epochs:
-            self.switch(module)
-
-    def switch(self, module: pl.LightningModule) -> dict[str, float]:
-        """Fold, whiten, rebuild the optimizer and log; return the logged metrics."""
-        trainer = module.trainer
-        batches = probe_batches(trainer, module.device, self.whitening.init_batches)
-        loss = getattr(module, "_loss", None)  # the module's objective (cross-entropy by default)
-        before, after = self.switch_model(module.model, batches, loss)
-        step = int(module.global_step)
-        self.switched_at_step = step
-        rebuild_optimizers(trainer)
-        if trainer.is_global_zero:
-            logging.getLogger(__name__).info(f"bn_warmup: switched to whitening at step {step} (epoch {module.current_epoch}): BN folded, loss {before:.4g} -> {after:.4g}")  # fmt: skip
-        metrics = {
-            "norm/switch_step": float(step),
-            "norm/loss_before_switch": before,
-            "norm/loss_after_switch": after,
-        }
-        for logger in module.loggers:
-            logger.log_metrics(metrics, step=step)
-        return metrics
 
     def switch_model(
         self,
@@ -158,11 +138,11 @@ class BnWarmup(NormPlug):
         Returns the eval-mode ``loss`` (cross-entropy by default) on ``batches`` before and after
         (equal up to float rounding: the function does not change).
         """
-        shape = tuple(batches[0][0].shape[1:])
-        self.input_shape = self.input_shape or shape
+        if self.geometry is None:
+            raise RuntimeError("BnWarmup.switch_model before prepare(model, geometry)")
         before = eval_loss(model, batches, loss)
-        fold_batchnorm(model, shape)
-        layers = self.whitening.attach(model, shape)
+        self.pairs = fold_batchnorm(model, tuple(batches[0][0].shape[1:]))
+        layers = self.whitening.attach(model, self.geometry)
         layers.initialise(model, [x for x, _ in batches])
         return before, eval_loss(model, batches, loss)
 
@@ -171,7 +151,7 @@ class BnWarmup(NormPlug):
         checkpoint[STATE_KEY] = {
             "name": self.name,
             "switched_at_step": self.switched_at_step,
-            "input_shape": list(self.input_shape) if self.input_shape else None,
+            "pairs": [list(p) for p in self.pairs],
         }
 
     def on_load_checkpoint(self, module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -179,11 +159,14 @@ class BnWarmup(NormPlug):
         step = state.get("switched_at_step")
         if step is not None and self.switched_at_step is None:
             # Rebuild the folded structure; the checkpoint's state dict then fills in the values.
-            shape = tuple(state.get("input_shape") or self.input_shape or ())
-            pairs = batchnorm_pairs(module.model, shape)
+            if "pairs" in state:
+                pairs = [(layer, bn) for layer, bn in state["pairs"]]
+            else:  # a checkpoint written before the pairs were recorded: find them again
+                pairs = batchnorm_pairs(module.model, tuple(state["input_shape"]))
             ensure_biases(module.model, pairs)
             replace_batchnorms(module.model, pairs)
-            self.whitening.attach(module.model, shape)
+            self.pairs = pairs
+            self.whitening.attach(module.model, self.geometry or {})
             self.switched_at_step = int(step)
         self.whitening.on_load_checkpoint(module, checkpoint)
 
@@ -204,75 +187,3 @@ def eval_loss(
     finally:
         model.train(was_training)
     return total / count
-
-
-def probe_batches(trainer: pl.Trainer, device: torch.device, n: int) -> list[tuple[Tensor, Tensor]]:
-    """The first ``n`` training batches of the current epoch, without touching the loop's iterator."""
-    from rescalelab.data.tensor_batches import TensorBatches  # the data package imports Lightning
-
-    loader = trainer.train_dataloader
-    if isinstance(loader, TensorBatches):
-        source: Any = TensorBatches(
-            loader.x, loader.y, loader.batch_size, shuffle=loader.shuffle, seed=loader.seed,
-            drop_last=loader.drop_last, transform=loader.transform, rank=loader.rank,
-            world_size=loader.world_size,
-        )  # fmt: skip
-        source.set_epoch(trainer.current_epoch)
-    else:
-        source = loader
-    batches = []
-    for x, y in source:
-        batches.append((x.to(device), y.to(device)))
-        if len(batches) == n:
-            break
-    return batches
-
-
-def continue_schedule(old: LRScheduler, new: LRScheduler) -> None:
-    """Move the freshly built scheduler ``new`` to ``old``'s position, stepsizes included.
-
-    ``LambdaLR`` (every factor schedule of ``rescalelab.optim.schedules``) is set in closed
-    form, ``α_k = base × factor(k)``. Any other scheduler gets ``old``'s non-per-group state
-    (step count, plateau counters) and each group its own initial stepsize times the ratio of
-    the same-named old group's current to initial stepsize (so a new base stepsize, e.g.
-    ``lr_after_switch``, carries over); a group the old optimizer did not have takes the first
-    group's ratio.
-    """
-    k = old.last_epoch
-    groups = new.optimizer.param_groups
-    if isinstance(new, LambdaLR):
-        new.last_epoch = k
-        for group, base, lam in zip(groups, new.base_lrs, new.lr_lambdas):
-            group["lr"] = base * lam(k)
-    else:
-        n_old = len(old.optimizer.param_groups)
-        state = {
-            key: value for key, value in old.state_dict().items()
-            if not (isinstance(value, list) and len(value) == n_old)
-        }  # fmt: skip
-        new.load_state_dict({**new.state_dict(), **state})
-        ratio_of = {
-            g.get("name"): g["lr"] / g.get("initial_lr", g["lr"])
-            for g in old.optimizer.param_groups
-        }
-        first = next(iter(ratio_of.values()), 1.0)
-        for group in groups:
-            ratio = ratio_of.get(group.get("name"), first)
-            group["lr"] = group.get("initial_lr", group["lr"]) * ratio
-    new._last_lr = [g["lr"] for g in groups]
-
-
-def rebuild_optimizers(trainer: pl.Trainer) -> None:
-    """Re-run ``configure_optimizers`` for the current parameters; schedules keep their position.
-
-    Under DDP the model is wrapped again, since DistributedDataParallel records its parameters
-    when it is built.
-    """
-    old = [config.scheduler for config in trainer.lr_scheduler_configs]
-    strategy = trainer.strategy
-    if hasattr(strategy, "configure_ddp") and trainer.world_size > 1:
-        strategy.model = strategy.lightning_module
-        strategy.configure_ddp()
-    strategy.setup_optimizers(trainer)
-    for before, config in zip(old, trainer.lr_scheduler_configs):
-        continue_schedule(before, config.scheduler)

@@ -12,8 +12,12 @@ outputs of the BN network (to float rounding). A layer without bias gets one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+from rescalelab.geometry import dummy_forward
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d and SyncBatchNorm
 
@@ -24,7 +28,6 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-@torch.no_grad()
 def batchnorm_pairs(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, str]]:
     """``(layer, batchnorm)`` names for every BatchNorm whose input is a Conv2d/Linear output.
 
@@ -35,33 +38,30 @@ def batchnorm_pairs(model: nn.Module, input_shape: tuple[int, ...]) -> list[tupl
     outputs: dict[int, tuple[str, torch.Tensor]] = {}
     pairs: list[tuple[str, str]] = []
     unpaired: list[str] = []
+
+    def keep(name: str) -> Any:
+        def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
+            outputs[id(out)] = (name, out)  # holding ``out`` keeps its id unique
+
+        return hook
+
+    def match(name: str) -> Any:
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            hit = outputs.get(id(args[0]))
+            if hit is not None and hit[1] is args[0]:
+                pairs.append((hit[0], name))
+            else:
+                unpaired.append(name)
+
+        return hook
+
     handles = []
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-
-            def keep(mod, inp, out, name=name):
-                outputs[id(out)] = (name, out)  # holding ``out`` keeps its id unique
-
-            handles.append(m.register_forward_hook(keep))
+            handles.append(m.register_forward_hook(keep(name)))
         elif isinstance(m, BN_TYPES):
-
-            def match(mod, args, name=name):
-                hit = outputs.get(id(args[0]))
-                if hit is not None and hit[1] is args[0]:
-                    pairs.append((hit[0], name))
-                else:
-                    unpaired.append(name)
-
-            handles.append(m.register_forward_pre_hook(match))
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+            handles.append(m.register_forward_pre_hook(match(name)))
+    dummy_forward(model, input_shape, handles)
     if unpaired:
         raise ValueError(
             f"cannot fold BatchNorm {unpaired}: its input is not a Conv2d/Linear output"

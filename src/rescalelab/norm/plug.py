@@ -1,25 +1,34 @@
-"""The plug interface shared by every normalization option."""
+"""The plug interface shared by every normalization option.
+
+:class:`NormPlug` is what the models and the LightningModule rely on: a ``typing.Protocol``, so
+any object with these members is a plug. Its bodies are the defaults (identity after every
+layer, hooks that do nothing); the plugs of ``rescalelab.norm`` subclass it explicitly to
+inherit them (PEP 544) and write only what they change.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from rescalelab.geometry import LayerGeometry
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
 
-class NormPlug:
-    """Base plug: identity after every layer, no preparation, no gradient transform.
+@runtime_checkable
+class NormPlug(Protocol):
+    """What a normalization option provides.
 
     ``switched_at_step`` is the global step at which training entered its whitened phase
     (``norm=bn_warmup``: the BN → whitening switch; ``None`` while it has not happened or for
-    plugs without such a phase). Instruments read it to mark the switch on their curves.
+    plugs without such a phase). Callbacks read it to mark the switch on their curves.
     """
 
-    name = "base"
+    name: str = "base"
     switched_at_step: int | None = None
 
     def conv(self, channels: int) -> nn.Module:
@@ -30,8 +39,9 @@ class NormPlug:
         """Module placed after a hidden Linear with ``features`` outputs."""
         return nn.Identity()
 
-    def prepare(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
-        """Called once on the built model, before the optimizer exists."""
+    def prepare(self, model: nn.Module, geometry: dict[str, LayerGeometry]) -> None:
+        """Called once on the built model, before the optimizer exists, with the share and
+        fanin of its layers (``rescalelab.geometry.layer_geometry``, computed once per fit)."""
 
     def before_optimizer_step(self, model: nn.Module) -> None:
         """Called after backward, before ``optimizer.step()`` and before Lightning clips gradients."""
@@ -39,11 +49,12 @@ class NormPlug:
     def on_train_batch_start(self, model: nn.Module, batch: torch.Tensor, step: int) -> None:
         """Called before each training forward (statistics schedules use it)."""
 
-    def on_train_epoch_start(self, module: pl.LightningModule) -> None:
-        """Called at the start of every training epoch, after the data of the epoch is set up."""
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add the plug's own state (not held in model buffers) to a Lightning checkpoint."""
 
     def on_load_checkpoint(self, module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Called before the checkpoint's state dict is loaded into ``module`` (restore structure)."""
+
+    def callbacks(self) -> list[pl.Callback]:
+        """Lightning callbacks the plug needs during a fit (``Classifier.configure_callbacks``)."""
+        return []

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from rescalelab.errors import ConfigError
-from rescalelab.models.geometry import rescalable_layers
+from rescalelab.geometry import LayerGeometry, rescalable_layers
 from rescalelab.norm.plug import NormPlug
 
 
@@ -81,6 +81,6 @@ class WeightNorm(NormPlug):
     def linear(self, features: int) -> nn.Module:
         return MeanOnlyBatchNorm(features, self.momentum) if self.mean_only_bn else nn.Identity()
 
-    def prepare(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    def prepare(self, model: nn.Module, geometry: dict[str, LayerGeometry]) -> None:
         for _, layer in rescalable_layers(model):
             weight_norm(layer, name="weight", dim=0)

@@ -1,5 +1,7 @@
 """``norm=whitening``: the diagonal-rescaling ("whitening") reparametrization of Lafond,
-Vasilache & Bottou, implemented as a zero-overhead transform of the ordinary gradients.
+Vasilache & Bottou, implemented as a zero-overhead transform of the ordinary gradients. (One
+concept in one file, if a long one: the statistics, the transform and the plug of this one
+reparametrization.)
 
 **The reparametrization** (lecture, part 2). Every Conv2d and Linear layer ``y_j = b_j + Σ_i w_ij x_i``
 is trained as if it were written
@@ -34,7 +36,8 @@ For a grouped conv, unit ``j`` only reads the channels of its group. A layer wit
 training minibatches of each layer's *input* (per input feature for Linear, per input channel
 for Conv2d, pooled over batch and positions). ``β_j² = 1/sqrt(share × fanin)`` (so ``β_j =
 (share × fanin)^(−1/4)``), one scalar per layer, with share and fanin from
-:func:`rescalelab.models.geometry.layer_geometry` on the real input size.
+:func:`rescalelab.geometry.layer_geometry` on the real input size (computed once per fit and
+handed to :meth:`Whitening.prepare`).
 
 **Statistics schedule.** A forward *pre*-hook on each layer accumulates, in float32 and without
 gradient, ``n``, ``S1 = Σ (x − c)``, ``S2 = Σ (x − c)²`` (shifted by the current ``μ`` against
@@ -94,7 +97,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rescalelab.errors import ConfigError
-from rescalelab.models.geometry import LayerGeometry, layer_geometry, rescalable_layers
+from rescalelab.geometry import LayerGeometry, rescalable_layers
 from rescalelab.norm.plug import NormPlug
 
 if TYPE_CHECKING:
@@ -489,8 +492,8 @@ class Whitening(NormPlug):
         self.eps_mode, self.max_scale, self.min_active = eps_mode, max_scale, min_active
         self.layers: WhitenedLayers | None = None
 
-    def attach(self, model: nn.Module, input_shape: tuple[int, ...]) -> WhitenedLayers:
-        """Register the buffers and hooks on ``model`` (β² from its geometry on ``input_shape``)."""
+    def attach(self, model: nn.Module, geometry: dict[str, LayerGeometry]) -> WhitenedLayers:
+        """Register the buffers and hooks on ``model`` (β² from the share and fanin in ``geometry``)."""
         if not rescalable_layers(model):
             raise ConfigError(
                 f"norm={self.name} is invalid for this model: it has no Conv2d/Linear layer"
@@ -498,14 +501,14 @@ class Whitening(NormPlug):
         if self.layers is not None:
             self.layers.remove()
         self.layers = WhitenedLayers(
-            model, layer_geometry(model, input_shape), momentum=self.momentum, eps=self.eps,
+            model, geometry, momentum=self.momentum, eps=self.eps,
             init_batches=self.init_batches, interval=self.interval, eps_mode=self.eps_mode,
             max_scale=self.max_scale, min_active=self.min_active,
         )  # fmt: skip
         return self.layers
 
-    def prepare(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
-        self.attach(model, input_shape)
+    def prepare(self, model: nn.Module, geometry: dict[str, LayerGeometry]) -> None:
+        self.attach(model, geometry)
 
     def on_train_batch_start(self, model: nn.Module, batch: Tensor, step: int) -> None:
         if self.layers is not None and self.layers.due(step):

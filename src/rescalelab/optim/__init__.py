@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 from torch.optim.lr_scheduler import LRScheduler
 
 from rescalelab.errors import Expect, checked
-from rescalelab.models.geometry import LayerGeometry, rescalable_layers
+from rescalelab.geometry import LayerGeometry, rescalable_layers
 
 LAYER_SCALES = ("none", "fanin")
 Groups = list[dict[str, Any]]
