@@ -24,11 +24,13 @@ from typing import Any
 
 def _load(uri: str, run_id: str, tmp: Path) -> tuple[Any, dict[str, Any]]:
     import pandas as pd
+    from mlflow import MlflowClient
 
-    from rescalelab.tracking.artifacts import download
+    from rescalelab.analysis.mlflow_read import download
 
-    table = pd.read_parquet(download(uri, run_id, "drift/summary.parquet", tmp / run_id))
-    meta = json.loads(download(uri, run_id, "drift/meta.json", tmp / run_id).read_text())
+    client = MlflowClient(uri)
+    table = pd.read_parquet(download(client, run_id, "drift/summary.parquet", tmp / run_id))
+    meta = json.loads(download(client, run_id, "drift/meta.json", tmp / run_id).read_text())
     return table, meta
 
 
@@ -40,12 +42,15 @@ def run_figures(uri: str, run_id: str, tmp: Path) -> dict[str, Any]:
 
 
 def sweep_figure(uri: str, parent: str, tmp: Path) -> Any:
-    from rescalelab.callbacks.drift import figures
-    from rescalelab.tracking.artifacts import child_run_ids, metric_history, run_params
+    from mlflow import MlflowClient
 
+    from rescalelab.analysis.mlflow_read import child_runs, metric_points
+    from rescalelab.callbacks.drift import figures
+
+    client = MlflowClient(uri)
     runs = []
-    for rid in child_run_ids(uri, parent):
-        params = run_params(uri, rid)
+    for child in child_runs(client, parent):
+        rid, params = child.info.run_id, child.data.params
         try:
             table, meta = _load(uri, rid, tmp)
         except Exception as e:  # a failed or uninstrumented job: say so, keep the others
@@ -60,7 +65,7 @@ def sweep_figure(uri: str, parent: str, tmp: Path) -> Any:
             {
                 "k": int(k) if k is not None and k.lstrip("-").isdigit() else k,
                 "seed": params.get("seed"),
-                "loss": tuple(zip(*metric_history(uri, rid, "train/loss"))) or ((), ()),
+                "loss": tuple(zip(*metric_points(client, rid, "train/loss"))) or ((), ()),
                 "steps_per_epoch": spe,
                 "switch_step": sw,
                 "staleness": figures.staleness(table, sw, spe),

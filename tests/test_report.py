@@ -18,18 +18,16 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Metric, Param, RunTag
 
-from rescalelab.tracking.report import (
-    Child,
+from rescalelab.analysis.child import Child
+from rescalelab.analysis.figures import training_panels
+from rescalelab.analysis.report_cli import main as report_main
+from rescalelab.analysis.sweep_report import log_report
+from rescalelab.analysis.sweep_stats import (
     aggregate_curves,
     epoch_curve,
-    log_report,
     method_table,
     quartiles,
     range_within,
-    training_panels,
-)
-from rescalelab.tracking.report import (
-    main as report_main,
 )
 from rescalelab.tracking.store import ensure_experiment
 from tests.helpers import cli_env, client, tracking_uri
@@ -224,7 +222,7 @@ def test_report_of_a_store_sweep_has_the_tables_figures_and_numbers(root):
 def test_report_cli_on_demand_by_run_id_and_bad_targets(root, capsys):
     parent, _ = _make_sweep(root)
     ok = subprocess.run(
-        [sys.executable, "-m", "rescalelab.tracking.report", parent,
+        [sys.executable, "-m", "rescalelab.analysis.report_cli", parent,
          "--tracking-uri", tracking_uri(root), "--out", str(root / "rep")],
         capture_output=True, text=True, env=cli_env(), timeout=300,
     )  # fmt: skip
@@ -251,7 +249,8 @@ def test_report_cli_on_demand_by_run_id_and_bad_targets(root, capsys):
 
 
 def test_tasks_get_their_own_rows_and_profiles_over_data_options(tmp_path):
-    from rescalelab.tracking.report import plot_profiles, profile_costs
+    from rescalelab.analysis.figures import plot_profiles
+    from rescalelab.analysis.sweep_stats import profile_costs
 
     def kid(data: str, method: str, values: list[float]) -> Child:
         swept = {"data": data, "method": method, "optim.lr": "0.1"}

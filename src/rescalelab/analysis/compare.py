@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from rescalelab.tracking.report import resolve_target
+from rescalelab.analysis.mlflow_read import RUN_ID, child_runs, metric_history, resolve_target
 from rescalelab.tracking.store import default_tracking_uri
 
 
@@ -46,9 +45,7 @@ def _runs_of(client: MlflowClient, run_id: str) -> tuple[str, list[Run]]:
     run = client.get_run(run_id)
     if run.data.tags.get("rescalelab.sweep") != "parent":
         return run.info.run_name or run_id[:8], [run]
-    children = client.search_runs(
-        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=10000
-    )
+    children = child_runs(client, run)
     label = run.info.run_name or run_id[:8]
     return label, sorted(children, key=lambda r: r.info.start_time or 0)
 
@@ -59,16 +56,14 @@ def collect(targets: Sequence[str], metric: str, tracking_uri: str | None) -> li
     for target in targets:
         if Path(target).is_dir():
             uri, run_id = resolve_target(target, tracking_uri)
-        elif re.fullmatch(r"[0-9a-f]{32}", target):
+        elif RUN_ID.fullmatch(target):
             uri, run_id = tracking_uri or default_tracking_uri(Path.cwd()), target
         else:
             raise SystemExit(f"error: {target!r} is neither a run id nor a multirun directory")
         client = MlflowClient(uri)
         source, runs = _runs_of(client, run_id)
         for run in runs:
-            history = sorted(
-                client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step
-            )
+            history = metric_history(client, run.info.run_id, metric)
             if history:
                 steps = [m.step for m in history]
                 curves.append(Curve(source, uri, run, steps, [m.value for m in history]))

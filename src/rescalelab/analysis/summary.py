@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rescalelab.analysis.budget import budget_info
+from rescalelab.analysis.keys import metric_key
 
 UI_URL = "http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
 # methods.csv columns recorded as parent metrics, per method
@@ -78,7 +78,7 @@ def metric_name(row: Mapping[str, object]) -> str:
     short = "_".join(part.split("=", 1)[-1] for part in label.split()) or "default"
     if row.get("task"):
         short = f"{row['task']}/{short}"
-    return re.sub(r"[^\w./ -]", "_", short)
+    return metric_key(short)
 
 
 def record_results(client: MlflowClient, run_id: str, report: Any) -> None:

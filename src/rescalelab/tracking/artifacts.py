@@ -1,5 +1,6 @@
-"""Artifacts of a run: the write half for callbacks (files into the run), the read half for
-scripts and reports (download, list, params, metric histories, a sweep's children).
+"""Artifacts of a run, the write half: files into the run (callbacks, and scripts after the fact).
+Reading a run back (its artifacts, params, metric histories, a sweep's children) is
+:mod:`rescalelab.analysis.mlflow_read`'s.
 
 Callbacks log *metrics* through ``trainer.loggers`` only (the run's resilient logger queues,
 retries and de-duplicates them, ``tracking/resilient.py``). Their *files* are written locally
@@ -92,40 +93,6 @@ def log_json(loggers: Any, obj: Any, path: str | Path, artifact_path: str) -> bo
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1, default=float))
     return upload(loggers, path, artifact_path)
-
-
-def download(tracking_uri: str, run_id: str, artifact_path: str, dst: str | Path) -> Path:
-    """Download one artifact file or folder of a run to ``dst``; returns the local path."""
-    local = MlflowClient(tracking_uri).download_artifacts(run_id, artifact_path, str(dst))
-    return Path(local)
-
-
-def list_artifacts(tracking_uri: str, run_id: str, path: str) -> list[str]:
-    """Artifact paths directly under ``path`` of a run."""
-    return [a.path for a in MlflowClient(tracking_uri).list_artifacts(run_id, path)]
-
-
-def run_params(tracking_uri: str, run_id: str) -> dict[str, str]:
-    """The params of a run."""
-    return dict(MlflowClient(tracking_uri).get_run(run_id).data.params)
-
-
-def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """``[(step, value), ...]`` of one metric of a run, in step order."""
-    hist = MlflowClient(tracking_uri).get_metric_history(run_id, key)
-    return sorted((m.step, m.value) for m in hist)
-
-
-def child_run_ids(tracking_uri: str, parent_run_id: str) -> list[str]:
-    """Ids of the runs whose ``mlflow.parentRunId`` is ``parent_run_id`` (a sweep's jobs)."""
-    client = MlflowClient(tracking_uri)
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-        max_results=10000,
-    )
-    return [r.info.run_id for r in runs]
 
 
 def log_figure_to_run(tracking_uri: str, run_id: str, figure: Any, artifact_file: str) -> None:

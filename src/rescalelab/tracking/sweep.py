@@ -12,7 +12,7 @@ The swept keys are those of the command line's sweep overrides (``optim.lr=0.1,0
 of ``hydra.sweeper.params`` (what presets and ``hparams_search`` configs sweep); they name the
 children and define the report's configurations.
 
-When the multirun ends, the sweep report (:mod:`rescalelab.tracking.report`) is logged to the
+When the multirun ends, the sweep report (:mod:`rescalelab.analysis.sweep_report`) is logged to the
 parent, which ends ``FINISHED``, or ``FAILED`` when a job raised. Hydra does not call
 ``on_multirun_end`` when a job raised (the sweeper re-raises the job's exception), so the parent
 is also closed from an ``atexit`` hook: ``FAILED`` after an exception, ``KILLED`` after Ctrl-C.
@@ -210,7 +210,7 @@ class MlflowSweepCallback(Callback):
         client.set_tag(run_id, "rescalelab.sweep_end", "completed" if multirun_ended else "aborted")
         if self.report and status != "KILLED":
             # Imported here: matplotlib and pandas are only needed once the sweep is over.
-            from rescalelab.tracking.report import log_report
+            from rescalelab.analysis.sweep_report import log_report
 
             try:
                 report = log_report(
