@@ -109,6 +109,8 @@ CASES: list[tuple[list[str], str]] = [
         "error: data.root: {data}/cifar_string_labels/cifar-10-batches-py/test_batch has b'labels' "
         "that are not a list of integers",
     ),
+    # Hydra's own flags: one mode at a time (Hydra itself answers with a ValueError traceback)
+    (["-m", "experiment=memorization", "--cfg", "hydra"], "error: -m --cfg: Hydra takes one of -m, --cfg, --info at a time"),
     # sweeps: every job is checked before the first starts; no parent run either
     (["-m", "optim.lr=0.1,-1,0.2"], "error: job 1 (optim.lr=-1): optim.lr=-1 is invalid: expected a number > 0"),
     (["-m", "optim.lr=-1,0.1"], "error: job 0 (optim.lr=-1): optim.lr=-1 is invalid: expected a number > 0"),

@@ -36,6 +36,7 @@ from rescalelab.validate import check_added_keys, check_targets, validate
 
 CONFIG_MODULE, CONFIG_NAME = "rescalelab.conf", "train"
 MULTIRUN_FLAGS = ("-m", "--multirun")
+PRINT_FLAGS = ("--cfg", "-c", "--info", "-i")  # Hydra's flags that print instead of running
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
@@ -102,6 +103,12 @@ def check_command_line(argv: list[str]) -> None:
     ``HYDRA_FULL_ERROR=1``, are left to Hydra."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         return
+    modes = [a for a in argv if a in (*MULTIRUN_FLAGS, *PRINT_FLAGS)]
+    if len(modes) > 1:  # Hydra raises a ValueError with a traceback for this
+        raise ConfigError(
+            f"{' '.join(modes)}: Hydra takes one of -m, --cfg, --info at a time "
+            "(to see a sweep's config: drop -m, e.g. rescalelab-train experiment=X --cfg job)"
+        )
     if any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv):
         return
     overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
