@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -198,6 +199,33 @@ def test_a_class_declares_its_checks_on_its_init():
         Plug(eps=0)
     assert Plug(eps=0.1).eps == 0.1
     assert set(constructor_checks(Plug)) == {"eps"}
+
+
+def test_a_decorated_dataclass_inherits_its_bases_checks():
+    """``@checked`` above ``@dataclass``: the generated ``__init__`` checks the class's own keys
+    and those of its decorated bases, on a call and in check_targets alike."""
+
+    @checked("data", batch_size=Expect(int, lambda v: v > 0, "an integer > 0"))
+    @dataclass(kw_only=True)
+    class Base:
+        batch_size: int = 8
+
+    @checked("data", size=Expect(int, lambda v: v >= 8, "an integer >= 8"))
+    @dataclass(kw_only=True)
+    class Child(Base):
+        size: int = 32
+
+    with pytest.raises(
+        ConfigError, match=r"^data.batch_size=0 is invalid: expected an integer > 0$"
+    ):
+        Child(batch_size=0)
+    with pytest.raises(ConfigError, match=r"^data.size=4 is invalid: expected an integer >= 8$"):
+        Child(size=4)
+    assert Child(batch_size=2, size=8).size == 8
+    assert set(constructor_checks(Child)) == {"batch_size", "size"}
+    assert set(constructor_checks(Base)) == {"batch_size"}
+    with pytest.raises(TypeError, match="has no parameter"):
+        checked("data", colour=Expect(str))(Base)
 
 
 class CountingSGD(torch.optim.SGD):

@@ -68,33 +68,71 @@ def check(key: str, value: object, expect: Expect) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: expected {expect.allowed or name}")
 
 
+def at_least(low: int, allowed: str = "") -> Expect:
+    """An integer >= ``low``."""
+    return Expect(int, lambda v: v >= low, allowed or f"an integer >= {low}")
+
+
+def number_at_least(low: float, allowed: str = "") -> Expect:
+    """A finite number >= ``low``."""
+    return Expect(float, lambda v: v >= low, allowed or f"a number >= {low}")
+
+
+def above(low: float, allowed: str = "") -> Expect:
+    """A finite number > ``low``."""
+    return Expect(float, lambda v: v > low, allowed or f"a number > {low}")
+
+
+def one_of(*words: str) -> Expect:
+    """One of the words ``words``."""
+    return Expect(str, lambda v: v in words, "one of: " + ", ".join(words))
+
+
+FLAG = Expect(bool, allowed="true or false")
+POSITIVE = Expect(int, lambda v: v > 0, "an integer > 0")
+
+
 def checked(group: str, **expects: Expect) -> Callable[[F], F]:
     """A constructor that checks its own keyword arguments: ``@checked("schedule", every=...)``.
 
-    Every call checks the named arguments (``None`` always passes: it means "default" or "off")
-    and raises one line naming ``<group>.<argument>``. The expectations are also kept on the
-    function as ``config_checks``, so that :func:`rescalelab.validate.check_targets` applies
-    them to a config node *before* anything is built or tracked (a sweep checks every job
-    first), and a new key costs one edit: its parameter and its expectation, side by side.
+    Decorates a function, an ``__init__``, or a class (above ``@dataclass``, whose
+    generated ``__init__`` it wraps): a class inherits the checks of its decorated bases and
+    adds its own. Every call checks the named arguments (``None`` always passes: it means
+    "default" or "off") and raises one line naming ``<group>.<argument>``. The expectations
+    are also kept as ``config_checks`` (on the function, or on the class), so that
+    :func:`rescalelab.validate.check_targets` applies them to a config node *before*
+    anything is built or tracked (a sweep checks every job first), and a new key costs one
+    edit: its parameter and its expectation, side by side.
     """
 
-    def decorate(fn: F) -> F:
-        signature = inspect.signature(fn)
-        missing = set(expects) - set(signature.parameters)
-        if missing:
-            raise TypeError(f"{fn.__qualname__} has no parameter {sorted(missing)}")
-
-        @functools.wraps(fn)
-        def constructor(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            for name, expect in expects.items():
-                value = bound.arguments[name]
-                if value is not None:
-                    check(f"{group}.{name}", value, expect)
-            return fn(*args, **kwargs)
-
+    def decorate(obj: F) -> F:
+        if isinstance(obj, type):
+            merged = {**getattr(obj, "config_checks", {}), **expects}
+            obj.__init__ = _checking(obj.__init__, group, merged)  # type: ignore[misc]
+            obj.config_checks = merged  # type: ignore[attr-defined]
+            return obj
+        constructor = _checking(obj, group, expects)
         constructor.config_checks = dict(expects)  # type: ignore[attr-defined]
         return constructor  # type: ignore[return-value]
 
     return decorate
+
+
+def _checking(fn: Callable[..., Any], group: str, expects: dict[str, Expect]) -> Any:
+    """``fn`` that first checks its arguments named in ``expects``."""
+    signature = inspect.signature(fn)
+    missing = set(expects) - set(signature.parameters)
+    if missing:
+        raise TypeError(f"{fn.__qualname__} has no parameter {sorted(missing)}")
+
+    @functools.wraps(fn)
+    def constructor(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        for name, expect in expects.items():
+            value = bound.arguments[name]
+            if value is not None:
+                check(f"{group}.{name}", value, expect)
+        return fn(*args, **kwargs)
+
+    return constructor

@@ -22,7 +22,7 @@ wherever an option allows it). A rule key may hold ``*`` wildcards (``callbacks.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -35,17 +35,6 @@ from rescalelab.rules import RULES, Rule
 
 # Structural keys: checked by instantiate itself ("Error locating target ...").
 STRUCTURAL = ("_target_", "*._target_", "_partial_", "*._partial_")
-
-
-def check_value(
-    key: str,
-    value: object,
-    kind: type | tuple[type, ...],
-    ok: Callable[[object], bool],
-    allowed: str,
-) -> None:
-    """Raise a one-line :class:`ConfigError` unless ``value`` has type ``kind`` and passes ``ok``."""
-    check(key, value, Expect(kind, ok, allowed))
 
 
 def leaves(cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, object]]:
@@ -75,7 +64,7 @@ def validate(cfg: DictConfig, rules: list[Rule] | None = None) -> None:
             ]
         for key, value in found:
             if value is not None and not isinstance(value, DictConfig):
-                check_value(key, value, rule.kind, rule.ok, rule.allowed)
+                check(key, value, rule.expect)
     check_global_batch(cfg)
     check_warmup(cfg)
     check_schedule_warmup(cfg)
