@@ -35,7 +35,7 @@ from rescalelab.distributed import check_launch
 from rescalelab.errors import ConfigError
 from rescalelab.geometry import layer_geometry, rescalable_layers
 from rescalelab.module import Classifier
-from rescalelab.resume import check_unchanged, plan_resume, write_run_files
+from rescalelab.resume import check_unchanged, plan_resume, renamed_hint, write_run_files
 from rescalelab.tracking import TrackedRun, flatten, read_parent
 from rescalelab.tracking.resilient import PendingMetrics
 from rescalelab.validate import check_added_keys, check_num_classes, check_targets, validate
@@ -240,7 +240,10 @@ def _compose_again(config_name: str, overrides: list[str]) -> DictConfig:
         return compose(config_name=config_name, overrides=overrides)
     except HydraException as e:
         detail = str(e).strip().splitlines()[0]
-        raise ConfigError(f"resume=true: the run's overrides no longer compose: {detail}") from None
+        raise ConfigError(
+            f"resume=true: the run's overrides no longer compose: {detail}"
+            + renamed_hint(overrides)
+        ) from None
 
 
 def _diverged_value(hc: Any) -> float:

@@ -50,6 +50,15 @@ MAY_CHANGE = (
     "paths.", "logger.", "hydra.", "resume", "ckpt_path", "trainer.enable_progress_bar",
     "callbacks.progress.",
 )  # fmt: skip
+# Keys the one-house redesign renamed: a run recorded before it cannot be resumed (its
+# recorded params and its checkpoint's optimizer state are of the old config), and the
+# error says what the key is now called.
+RENAMED = {
+    "optim.layer_scale": "param_groups.layer_scale",
+    "optim.decay_exclude": "param_groups.decay_exclude",
+    "schedule.interval": "lr_scheduler_config.interval",
+    "schedule.frequency": "lr_scheduler_config.frequency",
+}
 RUN_ID_FILE = "mlflow_run_id"
 OVERRIDES_FILE = "run_overrides.yaml"
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
@@ -208,3 +217,16 @@ def check_unchanged(recorded: Mapping[str, str], now: Mapping[str, str]) -> None
                 f"{key}={value} is invalid with resume=true: the run being resumed has "
                 f"{key}={then} (a resumed run keeps the config it started with)"
             )
+
+
+def renamed_hint(overrides: list[str]) -> str:
+    """``; optim.layer_scale is now param_groups.layer_scale ...`` for recorded overrides of
+    renamed keys (empty if none)."""
+    old = [k for k in dict.fromkeys(override_key(o) for o in overrides) if k in RENAMED]
+    if not old:
+        return ""
+    now = ", ".join(f"{k} is now {RENAMED[k]}" for k in old)
+    return (
+        f"; {now}: the run was recorded before that rename and cannot be resumed, start a new "
+        "run with the new key"
+    )
