@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from rescalelab.errors import Expect, at_least, checked
 from rescalelab.norm import NoNorm, NormPlug
 
 
@@ -32,6 +33,11 @@ class MaxPool(nn.MaxPool2d):
         return super().forward(x)
 
 
+@checked(
+    "model",
+    dropout=Expect(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    pool_size=at_least(1),
+)
 class AlexNet(nn.Module):
     """AlexNet for ``input_shape = (C, H, W)`` and ``num_classes`` outputs (both from the data).
 
@@ -48,10 +54,6 @@ class AlexNet(nn.Module):
         c, h, w = input_shape
         if min(h, w) < 7:
             raise ValueError(f"AlexNet needs inputs of at least 7x7, got {h}x{w}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"model.dropout={dropout} is invalid: expected a number in [0, 1)")
-        if not isinstance(pool_size, int) or pool_size < 1:
-            raise ValueError(f"model.pool_size={pool_size} is invalid: expected an integer >= 1")
 
         def conv(cin: int, cout: int, k: int, stride: int = 1, pad: int = 0) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, k, stride, pad), norm.conv(cout), nn.ReLU(inplace=True)]

@@ -7,9 +7,11 @@ import math
 import torch
 from torch import Tensor, nn
 
+from rescalelab.errors import FLAG, checked, one_of
 from rescalelab.norm import NoNorm, NormPlug
 
 
+@checked("model", bias=FLAG, init=one_of("zeros", "default"))
 class LinearModel(nn.Module):
     """z = xᵀw (+ b): ``Linear(prod(input_shape), num_classes)`` on the flattened input.
 
@@ -29,8 +31,6 @@ class LinearModel(nn.Module):
         init: str = "zeros",
     ) -> None:
         super().__init__()
-        if init not in ("zeros", "default"):
-            raise ValueError(f"model.init={init} is invalid: expected 'zeros' or 'default'")
         self.norm = norm or NoNorm()
         self.flatten = nn.Flatten()
         self.linear = nn.Linear(math.prod(input_shape), num_classes, bias=bias)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rescalelab.errors import at_least, checked, one_of
 from rescalelab.norm import NoNorm, NormPlug
 
 SHORTCUTS = ("projection", "pad")
@@ -74,6 +75,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))  # not in place: folding matches tensors by id
 
 
+@checked("model", blocks=at_least(1), width=at_least(1), shortcut=one_of(*SHORTCUTS))
 class ResNet20(nn.Module):
     """ResNet-20 for ``input_shape = (C, H, W)`` and ``num_classes`` (both from the data).
 
@@ -92,12 +94,6 @@ class ResNet20(nn.Module):
     ) -> None:
         super().__init__()
         norm = norm or NoNorm()
-        if shortcut not in SHORTCUTS:
-            raise ValueError(f"model.shortcut={shortcut} is invalid: expected one of {SHORTCUTS}")
-        if not isinstance(blocks, int) or blocks < 1:
-            raise ValueError(f"model.blocks={blocks} is invalid: expected an integer >= 1")
-        if not isinstance(width, int) or width < 1:
-            raise ValueError(f"model.width={width} is invalid: expected an integer >= 1")
         c, h, w = input_shape
         if min(h, w) < 4:
             raise ValueError(f"ResNet20 needs inputs of at least 4x4, got {h}x{w}")

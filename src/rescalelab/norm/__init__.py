@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from rescalelab.errors import FLAG, checked
 from rescalelab.norm.batch_independent import GroupNorm, LayerNorm
 from rescalelab.norm.batch_renorm import BatchRenormPlug
 from rescalelab.norm.bn_warmup import BnWarmup
-from rescalelab.norm.plug import NormPlug
+from rescalelab.norm.plug import EPS, MOMENTUM, NormPlug
 from rescalelab.norm.weight_norm import WeightNorm
 from rescalelab.norm.whitening import Whitening
 
@@ -36,6 +37,7 @@ class NoNorm(NormPlug):
     name = "none"
 
 
+@checked("norm", momentum=MOMENTUM, eps=EPS, sync=FLAG)
 class BatchNorm(NormPlug):
     """``norm=bn``: BatchNorm after every conv/linear layer except the output layer.
 

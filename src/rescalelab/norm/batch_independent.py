@@ -20,13 +20,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from rescalelab.errors import ConfigError
-from rescalelab.norm.plug import NormPlug
-
-
-def _check_eps(eps: float) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
-        raise ConfigError(f"norm.eps={eps!r} is invalid: expected a number > 0")
+from rescalelab.errors import at_least, checked
+from rescalelab.norm.plug import EPS, NormPlug
 
 
 def groups_for(channels: int, groups: int) -> int:
@@ -34,13 +29,13 @@ def groups_for(channels: int, groups: int) -> int:
     return max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
 
 
+@checked("norm", eps=EPS)
 class LayerNorm(NormPlug):
     """``norm=layernorm``: ``GroupNorm(1, C)`` after a conv, ``LayerNorm(F)`` after a Linear."""
 
     name = "layernorm"
 
     def __init__(self, eps: float = 1e-5) -> None:
-        _check_eps(eps)
         self.eps = eps
 
     def conv(self, channels: int) -> nn.Module:
@@ -50,15 +45,13 @@ class LayerNorm(NormPlug):
         return nn.LayerNorm(features, eps=self.eps)
 
 
+@checked("norm", groups=at_least(1), eps=EPS)
 class GroupNorm(NormPlug):
     """``norm=groupnorm``: ``GroupNorm(G, C)`` after a conv, ``LayerNorm(F)`` after a Linear."""
 
     name = "groupnorm"
 
     def __init__(self, groups: int = 8, eps: float = 1e-5) -> None:
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise ConfigError(f"norm.groups={groups!r} is invalid: expected an integer >= 1")
-        _check_eps(eps)
         self.groups, self.eps = groups, eps
 
     def conv(self, channels: int) -> nn.Module:

@@ -31,8 +31,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rescalelab.errors import ConfigError
-from rescalelab.norm.plug import NormPlug
+from rescalelab.errors import Expect, at_least, checked, number_at_least
+from rescalelab.norm.plug import EPS, MOMENTUM, NormPlug
+
+# The keys of the schedule, declared on :class:`Relaxation` (which a BatchRenorm module builds)
+# and on :class:`BatchRenormPlug` (whose config node holds them).
+RELAXATION = {
+    "r_max": Expect(float, lambda v: v >= 1, "a number >= 1"),
+    "d_max": number_at_least(0),
+    "relax_start": at_least(0),
+    "r_relax_steps": at_least(0),
+    "d_relax_steps": at_least(0),
+}
 
 
 def _ramp(k: Tensor, start: int, steps: int) -> Tensor:
@@ -42,10 +52,7 @@ def _ramp(k: Tensor, start: int, steps: int) -> Tensor:
     return ((k.to(torch.float32) - start) / steps).clamp(0.0, 1.0)
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
+@checked("norm", **RELAXATION)
 @dataclass(frozen=True)
 class Relaxation:
     """The schedule of the limits: ``r_max(k)``, ``d_max(k)`` of the module docstring."""
@@ -55,20 +62,6 @@ class Relaxation:
     relax_start: int = 5000
     r_relax_steps: int = 40000
     d_relax_steps: int = 25000
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("r_max", _number(self.r_max) and self.r_max >= 1, "a number >= 1"),
-            ("d_max", _number(self.d_max) and self.d_max >= 0, "a number >= 0"),
-        ]
-        for key in ("relax_start", "r_relax_steps", "d_relax_steps"):
-            v = getattr(self, key)
-            checks.append((key, _number(v) and isinstance(v, int) and v >= 0, "an integer >= 0"))
-        for key, ok, allowed in checks:
-            if not ok:
-                raise ConfigError(
-                    f"norm.{key}={getattr(self, key)!r} is invalid: expected {allowed}"
-                )
 
     def limits(self, k: Tensor) -> tuple[Tensor, Tensor]:
         """``(r_max(k), d_max(k))`` after ``k`` training batches (on ``k``'s device)."""
@@ -125,22 +118,29 @@ class BatchRenorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, {self.relaxation}"
 
 
+@checked("norm", momentum=MOMENTUM, eps=EPS, **RELAXATION)
 class BatchRenormPlug(NormPlug):
     """``norm=batch_renorm``: :class:`BatchRenorm` after every hidden conv/linear layer.
 
     ``momentum``, ``eps`` as in BatchNorm; the other keywords are those of :class:`Relaxation`
-    (the paper's schedule by default).
+    (the paper's schedule by default). They are named here, not passed as ``**kwargs``, so that
+    the config node's keys are this constructor's parameters and its checks.
     """
 
     name = "batch_renorm"
 
-    def __init__(self, momentum: float = 0.1, eps: float = 1e-5, **relaxation: Any) -> None:
-        if not (_number(momentum) and 0 < momentum <= 1):
-            raise ConfigError(f"norm.momentum={momentum!r} is invalid: expected a number in (0, 1]")
-        if not (_number(eps) and eps > 0):
-            raise ConfigError(f"norm.eps={eps!r} is invalid: expected a number > 0")
+    def __init__(
+        self,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        r_max: float = Relaxation.r_max,
+        d_max: float = Relaxation.d_max,
+        relax_start: int = Relaxation.relax_start,
+        r_relax_steps: int = Relaxation.r_relax_steps,
+        d_relax_steps: int = Relaxation.d_relax_steps,
+    ) -> None:
         self.momentum, self.eps = momentum, eps
-        self.relaxation = Relaxation(**relaxation)
+        self.relaxation = Relaxation(r_max, d_max, relax_start, r_relax_steps, d_relax_steps)
 
     def conv(self, channels: int) -> nn.Module:
         return BatchRenorm(channels, self.eps, self.momentum, **asdict(self.relaxation))

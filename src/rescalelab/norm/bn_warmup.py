@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rescalelab.errors import ConfigError
+from rescalelab.errors import Expect, at_least, checked
 from rescalelab.geometry import LayerGeometry
 from rescalelab.norm.fold import batchnorm_pairs, ensure_biases, fold_batchnorm, replace_batchnorms
 from rescalelab.norm.plug import NormPlug
-from rescalelab.norm.whitening import Whitening
+from rescalelab.norm.whitening import WHITENING, Whitening
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -53,6 +53,12 @@ if TYPE_CHECKING:
 STATE_KEY = "rescalelab.norm"
 
 
+@checked(
+    "norm",
+    warmup_epochs=at_least(0),
+    lr_after_switch=Expect(float, lambda v: v > 0, "a number > 0 or null"),
+    **WHITENING,
+)
 class BnWarmup(NormPlug):
     """``norm=bn_warmup``: BatchNorm for ``warmup_epochs`` epochs, then whitening.
 
@@ -61,32 +67,31 @@ class BnWarmup(NormPlug):
     key of :class:`~rescalelab.norm.whitening.Whitening` (``momentum``, ``interval``, ``eps``,
     ``init_batches``, the knobs for α), with its defaults; ``init_batches`` is also the number
     of training batches of the no-grad pass that initialises ``μ``, ``Var`` at the switch.
+    They are named here (not ``**kwargs``) so that the constructor checks them on the config
+    node too (``errors.checked``); that ``warmup_epochs`` leaves whitened epochs in
+    ``trainer.max_epochs`` is a check across groups (``rescalelab.validate.check_warmup``).
     """
 
     name = "bn_warmup"
 
     def __init__(
-        self, warmup_epochs: int = 2, lr_after_switch: float | None = None, **whitening: Any
+        self,
+        warmup_epochs: int = 2,
+        lr_after_switch: float | None = None,
+        momentum: float = 0.1,
+        interval: int = 1,
+        eps: float = 1e-5,
+        init_batches: int = 8,
+        eps_mode: str = "absolute",
+        max_scale: float | None = None,
+        min_active: float | None = None,
     ) -> None:
-        if (
-            not isinstance(warmup_epochs, int)
-            or isinstance(warmup_epochs, bool)
-            or warmup_epochs < 0
-        ):
-            raise ConfigError(
-                f"norm.warmup_epochs={warmup_epochs!r} is invalid: expected an integer >= 0"
-            )
-        if lr_after_switch is not None and (
-            isinstance(lr_after_switch, bool)
-            or not isinstance(lr_after_switch, (int, float))
-            or not lr_after_switch > 0
-        ):
-            raise ConfigError(
-                f"norm.lr_after_switch={lr_after_switch!r} is invalid: expected a number > 0 or null"
-            )
         self.warmup_epochs = warmup_epochs
         self.lr_after_switch = None if lr_after_switch is None else float(lr_after_switch)
-        self.whitening = Whitening(**whitening)
+        self.whitening = Whitening(
+            momentum=momentum, interval=interval, eps=eps, init_batches=init_batches,
+            eps_mode=eps_mode, max_scale=max_scale, min_active=min_active,
+        )  # fmt: skip
         self.switched_at_step: int | None = None
         self.geometry: dict[str, LayerGeometry] | None = None
         self.pairs: list[tuple[str, str]] = []  # (layer, BatchNorm) folded at the switch

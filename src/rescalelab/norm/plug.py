@@ -4,6 +4,11 @@
 any object with these members is a plug. Its bodies are the defaults (identity after every
 layer, hooks that do nothing); the plugs of ``rescalelab.norm`` subclass it explicitly to
 inherit them (PEP 544) and write only what they change.
+
+:data:`MOMENTUM` and :data:`EPS` are the expectations of the two keys most plugs share
+(``norm.momentum``, ``norm.eps``): each plug declares them on its constructor with
+:func:`rescalelab.errors.checked`, which checks a call and, through
+:func:`rescalelab.validate.check_targets`, the config node before anything is built.
 """
 
 from __future__ import annotations
@@ -13,10 +18,15 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from rescalelab.errors import Expect, above
 from rescalelab.geometry import LayerGeometry
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
+
+# ρ, the weight of the new batch in a running average (torch BatchNorm's meaning)
+MOMENTUM = Expect(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+EPS = above(0)  # ε in 1/sqrt(Var + ε)
 
 
 @runtime_checkable

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from rescalelab.errors import ConfigError
+from rescalelab.errors import FLAG, checked
 from rescalelab.geometry import LayerGeometry, rescalable_layers
-from rescalelab.norm.plug import NormPlug
+from rescalelab.norm.plug import MOMENTUM, NormPlug
 
 
 class MeanOnlyBatchNorm(nn.Module):
@@ -53,6 +53,7 @@ class MeanOnlyBatchNorm(nn.Module):
         return f"{self.num_features}, momentum={self.momentum}"
 
 
+@checked("norm", mean_only_bn=FLAG, momentum=MOMENTUM)
 class WeightNorm(NormPlug):
     """``norm=weightnorm``: ``w = g·v/‖v‖`` on every Conv2d/Linear, plus mean-only BN.
 
@@ -63,16 +64,6 @@ class WeightNorm(NormPlug):
     name = "weightnorm"
 
     def __init__(self, mean_only_bn: bool = True, momentum: float = 0.1) -> None:
-        if not isinstance(mean_only_bn, bool):
-            raise ConfigError(
-                f"norm.mean_only_bn={mean_only_bn!r} is invalid: expected true or false"
-            )
-        if (
-            isinstance(momentum, bool)
-            or not isinstance(momentum, (int, float))
-            or not 0 < momentum <= 1
-        ):
-            raise ConfigError(f"norm.momentum={momentum!r} is invalid: expected a number in (0, 1]")
         self.mean_only_bn, self.momentum = mean_only_bn, float(momentum)
 
     def conv(self, channels: int) -> nn.Module:

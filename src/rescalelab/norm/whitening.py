@@ -96,14 +96,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rescalelab.errors import ConfigError
+from rescalelab.errors import ConfigError, Expect, at_least, checked, one_of
 from rescalelab.geometry import LayerGeometry, rescalable_layers
-from rescalelab.norm.plug import NormPlug
+from rescalelab.norm.plug import EPS, MOMENTUM, NormPlug
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
 BUFFERS = ("rescale_mean", "rescale_var", "rescale_beta2", "rescale_updates")
+
+# The whitening keys, declared on :class:`Whitening` and on ``BnWarmup`` (its whitened phase).
+WHITENING = {
+    "momentum": MOMENTUM,
+    "interval": at_least(1),
+    "eps": EPS,
+    "init_batches": at_least(1),
+    "eps_mode": one_of("absolute", "relative"),
+    "max_scale": Expect(float, lambda v: v >= 1, "null or a number >= 1"),  # c
+    "min_active": Expect(float, lambda v: 0 < v <= 1, "null or a fraction in (0, 1]"),  # f
+}
 
 
 @dataclass(eq=False)
@@ -462,6 +473,7 @@ class WhitenedLayers:
             gw.copy_(g2.view_as(gw))
 
 
+@checked("norm", **WHITENING)
 class Whitening(NormPlug):
     """``norm=whitening``: every Conv2d/Linear trained in the whitened parametrization.
 
@@ -471,6 +483,7 @@ class Whitening(NormPlug):
     (``absolute`` | ``relative``), ``max_scale`` and ``min_active`` (``None``: off) are described
     in the module docstring. Nothing is placed after the layers;
     :meth:`prepare` attaches the statistics and the plug transforms gradients before each step.
+    The constructor checks the ranges of its keys (:data:`WHITENING`, ``errors.checked``).
     """
 
     name = "whitening"
@@ -485,8 +498,6 @@ class Whitening(NormPlug):
         max_scale: float | None = None,
         min_active: float | None = None,
     ) -> None:
-        check_whitening_args(momentum, interval, eps, init_batches)
-        check_alpha_knobs(eps_mode, max_scale, min_active)
         self.momentum, self.interval, self.eps = momentum, interval, eps
         self.init_batches = init_batches
         self.eps_mode, self.max_scale, self.min_active = eps_mode, max_scale, min_active
@@ -522,41 +533,3 @@ class Whitening(NormPlug):
     def on_load_checkpoint(self, module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.layers is not None:
             self.layers.invalidate()
-
-
-def check_whitening_args(momentum: float, interval: int, eps: float, init_batches: int) -> None:
-    """One-line :class:`ConfigError` for out-of-range whitening keys (also when built in code)."""
-    checks = [
-        ("momentum", momentum, isinstance(momentum, (int, float)) and 0 < momentum <= 1,
-         "a number in (0, 1]"),
-        ("interval", interval, isinstance(interval, int) and interval >= 1, "an integer >= 1"),
-        ("eps", eps, isinstance(eps, (int, float)) and eps > 0, "a number > 0"),
-        ("init_batches", init_batches, isinstance(init_batches, int) and init_batches >= 1,
-         "an integer >= 1"),
-    ]  # fmt: skip
-    for key, value, ok, allowed in checks:
-        if not ok or isinstance(value, bool):
-            raise ConfigError(f"norm.{key}={value!r} is invalid: expected {allowed}")
-
-
-def check_alpha_knobs(eps_mode: str, max_scale: float | None, min_active: float | None) -> None:
-    """One-line :class:`ConfigError` for out-of-range knobs for α (``None`` turns a knob off)."""
-    if eps_mode not in ("absolute", "relative"):
-        raise ConfigError(
-            f"norm.eps_mode={eps_mode!r} is invalid: expected one of: absolute, relative"
-        )
-    number = (int, float)
-    if max_scale is not None and (
-        isinstance(max_scale, bool) or not isinstance(max_scale, number) or not max_scale >= 1
-    ):
-        raise ConfigError(
-            f"norm.max_scale={max_scale!r} is invalid: expected null or a number >= 1"
-        )
-    if min_active is not None and (
-        isinstance(min_active, bool)
-        or not isinstance(min_active, number)
-        or not 0 < min_active <= 1
-    ):
-        raise ConfigError(
-            f"norm.min_active={min_active!r} is invalid: expected null or a fraction in (0, 1]"
-        )
