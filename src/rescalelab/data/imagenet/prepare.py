@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.utils import instantiate
 
     from rescalelab.resolvers import composing
-    from rescalelab.validate import validate
+    from rescalelab.validate import check_targets, validate
 
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in args):
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         with composing(), initialize_config_module("rescalelab.conf", version_base="1.3"):
             cfg = compose("train", overrides=overrides)
         validate(cfg)
+        check_targets(cfg)  # ImageNetSubset's own key checks, before it is built
         dm: ImageNetSubset = instantiate(cfg.data)
         counts = dm.prepare_cache()
     except ConfigError as e:
