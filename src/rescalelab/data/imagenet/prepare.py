@@ -1,9 +1,9 @@
 """``rescalelab-prepare-imagenet``: decode an ImageNet subset once into ``data.cache``.
 
-It composes ``data=imagenet_subset`` with the same overrides a training run takes (and
-validates them the same way), so the cache is exactly what the run will ask for; then
-:meth:`ImageNetSubset.prepare_cache` builds or finishes it. ``python -m
-rescalelab.data.imagenet.prepare`` is the same command.
+It composes ``data=imagenet_subset`` with the same overrides a training run takes (and checks
+them the same way: the rules, then :class:`ImageNetSubset`'s own key checks), so the cache is
+exactly what the run will ask for; then :meth:`ImageNetSubset.prepare_cache` builds or
+finishes it. ``python -m rescalelab.data.imagenet.prepare`` is the same command.
 """
 
 from __future__ import annotations
