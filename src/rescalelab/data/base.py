@@ -27,8 +27,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from rescalelab.data.checks import COUNT, SEED
 from rescalelab.data.tensor_batches import BatchTransform, TensorBatches
-from rescalelab.errors import ConfigError
+from rescalelab.errors import FLAG, ConfigError, Expect, at_least, checked
 
 TRAIN_EVAL_DEFAULT = 10_000  # train_eval_size=null: the whole set up to this many samples
 
@@ -59,6 +60,13 @@ def write_label_noise(clean: torch.Tensor, noisy: torch.Tensor, replaced: torch.
     return path
 
 
+@checked(
+    "data",
+    batch_size=COUNT,
+    seed=SEED,
+    label_noise=Expect(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    train_eval_size=at_least(1, "null or an integer >= 1"),
+)
 @dataclass(eq=False, kw_only=True)
 class TensorDataModule(pl.LightningDataModule):
     """A dataset held as tensors ``(x_train, y_train, x_val, y_val)`` in memory.
@@ -66,11 +74,16 @@ class TensorDataModule(pl.LightningDataModule):
     The constructor's keyword arguments are the fields of the dataclass: the keys of the
     ``conf/data/<name>.yaml`` that targets it, declared once where they belong (the ones every
     dataset takes here, a dataset's own in its class). Subclasses are ``@dataclass(eq=False,
-    kw_only=True)`` too, finish their construction in :meth:`__post_init__` and implement
-    :meth:`load`, which returns float (or uint8) tensors in NCHW layout; they also set
-    ``input_shape`` and ``num_classes`` (class attributes or set in ``__post_init__``). The
-    ranges of the keys are checked by :mod:`rescalelab.validate` before anything is built; a
-    constructor checks only what involves the data themselves or several keys together.
+    kw_only=True)`` too, decorated with :func:`rescalelab.errors.checked` *above* the dataclass
+    (``@checked("data", key=Expect, ...)``, or ``@checked("data")`` for no key of their own:
+    the generated ``__init__`` then checks the keys of the class and of its bases), finish their
+    construction in :meth:`__post_init__` and implement :meth:`load`, which returns float (or
+    uint8) tensors in NCHW layout; they also set ``input_shape`` and ``num_classes`` (class
+    attributes or set in ``__post_init__``). Each key's range is declared once, beside its
+    field (:mod:`rescalelab.data.checks` holds the ones several classes share): a call checks
+    it, and :func:`rescalelab.validate.check_targets` applies it to the config before anything
+    is built. ``__post_init__`` checks only what involves the data themselves or several keys
+    together (``data.batch_size`` against the training samples).
     The tensors move to the training device once, in ``setup``'s first call from the trainer.
     """
 
@@ -250,6 +263,7 @@ class TensorDataModule(pl.LightningDataModule):
                 self._train.load_state_dict(self._pending_state)
 
 
+@checked("data", augment=FLAG, crop_padding=at_least(0), flip=FLAG)
 @dataclass(eq=False, kw_only=True)
 class ImageDataModule(TensorDataModule):
     """A uint8 image set: per-channel normalization by (mean, std), optional crop and flip.

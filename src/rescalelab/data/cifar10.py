@@ -22,7 +22,8 @@ import torch
 
 from rescalelab.data.augment import channel_stats
 from rescalelab.data.base import ImageDataModule
-from rescalelab.errors import ConfigError
+from rescalelab.data.checks import COUNT, FOLDER_PATH, MEAN, STD
+from rescalelab.errors import FLAG, ConfigError, checked
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -139,6 +140,16 @@ def _subset(n_total: int, n: int | None, seed: int) -> torch.Tensor | None:
     return torch.randperm(n_total, generator=g)[:n].sort().values
 
 
+@checked(
+    "data",
+    root=FOLDER_PATH,
+    download=FLAG,
+    verify=FLAG,
+    mean=MEAN,
+    std=STD,
+    num_train=COUNT,
+    num_val=COUNT,
+)
 @dataclass(eq=False, kw_only=True)
 class CIFAR10(ImageDataModule):
     """CIFAR-10 (3×32×32, 10 classes) from the python distribution under ``root``.

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from rescalelab.data.augment import channel_stats
 from rescalelab.data.base import ImageDataModule
-from rescalelab.errors import ConfigError
+from rescalelab.data.checks import COUNT, IMAGE_SIZE
+from rescalelab.errors import Expect, checked
 
 
 def stratified_split(
@@ -45,6 +46,15 @@ def upsample_digits(images: torch.Tensor, size: int, channels: int) -> torch.Ten
     return x.expand(-1, channels, -1, -1).contiguous()
 
 
+# stricter than on other datasets: the models take grey or RGB, and both splits need images
+@checked(
+    "data",
+    image_size=IMAGE_SIZE,
+    channels=Expect(int, lambda v: v in (1, 3), "1 or 3"),
+    val_fraction=Expect(float, lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    num_train=COUNT,
+    num_val=COUNT,
+)
 @dataclass(eq=False, kw_only=True)
 class Digits(ImageDataModule):
     """The 8×8 digits upsampled to ``channels × image_size × image_size``, 10 classes.
@@ -66,14 +76,6 @@ class Digits(ImageDataModule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # stricter than the key's rule (validate.py): the models take grey or RGB, and both
-        # splits need images
-        if self.channels not in (1, 3):
-            raise ConfigError(f"data.channels={self.channels} is invalid: expected 1 or 3")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(
-                f"data.val_fraction={self.val_fraction} is invalid: expected a fraction in (0, 1)"
-            )
         self.input_shape = (self.channels, self.image_size, self.image_size)
 
     def load(self) -> dict[str, torch.Tensor]:

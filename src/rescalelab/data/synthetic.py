@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from rescalelab.data.base import TensorDataModule
+from rescalelab.data.checks import COUNT, IMAGE_SIZE, NOISE
+from rescalelab.errors import at_least, checked
 
 
 def _smooth_fields(
@@ -28,6 +30,16 @@ def _smooth_fields(
     return F.interpolate(z, size=(size, size), mode="bicubic", align_corners=False)
 
 
+@checked(
+    "data",
+    num_train=COUNT,
+    num_val=COUNT,
+    num_classes=at_least(2),
+    image_size=IMAGE_SIZE,
+    channels=at_least(1),
+    field_noise=NOISE,
+    pixel_noise=NOISE,
+)
 @dataclass(eq=False, kw_only=True)
 class SyntheticImages(TensorDataModule):
     """CIFAR-shaped (C×H×W, K classes) class-prototype images held as tensors."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from rescalelab.data.base import TensorDataModule
+from rescalelab.data.checks import COUNT, FOLDER_PATH, NOISE, SEED
 from rescalelab.data.convex.problems import (
     DTYPE,
     ConvexProblem,
@@ -27,7 +28,7 @@ from rescalelab.data.convex.problems import (
     population,
 )
 from rescalelab.data.tensor_batches import TensorBatches
-from rescalelab.errors import ConfigError
+from rescalelab.errors import FLAG, Expect, above, at_least, checked, number_at_least
 
 
 class SampledBatches(TensorBatches):
@@ -43,6 +44,21 @@ class SampledBatches(TensorBatches):
         return torch.randint(0, n, (n,), generator=g).to(self.x.device)
 
 
+@checked(
+    "data",
+    dim=at_least(1),
+    num_train=COUNT,
+    num_val=COUNT,
+    cond=Expect(float, lambda v: v >= 1, "a number >= 1"),
+    lam=number_at_least(0),
+    replacement=FLAG,
+    problem_seed=SEED,
+    noise_estimate=FLAG,
+    # the targets are real numbers (or ±1), not class labels to redraw
+    label_noise=Expect(
+        float, lambda v: v == 0, "0 (the targets of a convex problem are not class labels)"
+    ),
+)
 @dataclass(eq=False, kw_only=True)
 class ConvexDataModule(TensorDataModule):
     """A :class:`ConvexProblem` served as (x, y) minibatches, with its exact objective.
@@ -68,11 +84,6 @@ class ConvexDataModule(TensorDataModule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.label_noise:
-            raise ConfigError(
-                f"data.label_noise={self.label_noise} is invalid here: expected 0 (the targets "
-                f"of {type(self).__name__} are not class labels)"
-            )
         self.check_batch(self.num_train, f"data.num_train={self.num_train}")
         self.cond, self.lam = float(self.cond), float(self.lam)
         self.replacement = bool(self.replacement)
@@ -132,6 +143,7 @@ class ConvexDataModule(TensorDataModule):
         return self.problem.constants(self.batch_size, self.replacement)
 
 
+@checked("data", noise_std=NOISE)
 @dataclass(eq=False, kw_only=True)
 class QuadraticData(ConvexDataModule):
     """``data=quadratic``: ridge least squares, y = xᵀw_true + σ ε (``noise_std`` = σ)."""
@@ -146,6 +158,9 @@ class QuadraticData(ConvexDataModule):
         return x @ w_true + self.noise_std * eps
 
 
+# λ > 0 here (ridge regression takes λ = 0): the logistic loss alone has no minimizer when the
+# classes separate
+@checked("data", lam=above(0), weight_scale=above(0), cache_dir=FOLDER_PATH)
 @dataclass(eq=False, kw_only=True)
 class LogisticData(ConvexDataModule):
     """``data=logistic``: y ∈ {−1, +1} with P(y = 1 | x) = sigmoid(xᵀw_true),
@@ -159,8 +174,6 @@ class LogisticData(ConvexDataModule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.lam > 0:  # the key's rule (validate.py) allows 0, which ridge regression takes
-            raise ConfigError(f"data.lam={self.lam} is invalid: expected a number > 0")
         self.weight_scale = float(self.weight_scale)
 
     def true_weights(self, g: torch.Generator) -> Tensor:

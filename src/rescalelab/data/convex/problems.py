@@ -35,8 +35,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rescalelab.errors import ConfigError
-
 Tensor = torch.Tensor
 DTYPE = torch.float64
 
@@ -258,7 +256,8 @@ class LogisticProblem(ConvexProblem):
     """Ridge logistic regression: ℓ(z, y) = log(1 + e^{−yz}), y ∈ {−1, +1}.
 
     L = λ_max(XᵀX)/(4n) + λ; c = λ (global strong convexity; the local c at w* is larger and
-    reported as ``c_local``); M = (1/n)Σ‖x_i‖², M_V = 0, so μ/(L M_G) = 1/L.
+    reported as ``c_local``); M = (1/n)Σ‖x_i‖², M_V = 0, so μ/(L M_G) = 1/L. Needs λ > 0
+    (``data=logistic`` checks it: :class:`~rescalelab.data.convex.LogisticData`).
     """
 
     name = "logistic"
@@ -268,8 +267,6 @@ class LogisticProblem(ConvexProblem):
         key: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
         super().__init__(x, y, lam)
-        if not self.lam > 0:
-            raise ConfigError(f"data.lam={lam} is invalid: logistic regression needs λ > 0")
         xtx = self.x.T @ self.x / self.n
         self.L = float(torch.linalg.eigvalsh(xtx)[-1]) / 4 + self.lam
         self.c = self.lam

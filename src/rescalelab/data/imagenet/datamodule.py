@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader
 
 from rescalelab.data.augment import ImageBatchTransform
 from rescalelab.data.base import TensorDataModule, noisy_labels, write_label_noise
+from rescalelab.data.checks import CLASSES, FOLDER_PATH, FRACTION, IMAGE_SIZE, MEAN, STD, folder
 from rescalelab.data.imagenet.cache import CacheSpec, build_cache, open_cache, read_manifest
 from rescalelab.data.imagenet.files import ImageFiles, check_files
 from rescalelab.data.imagenet.subset import Subset, select_subset
 from rescalelab.data.tensor_batches import BatchTransform, TensorBatches
-from rescalelab.errors import ConfigError
+from rescalelab.errors import FLAG, ConfigError, at_least, checked, one_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,6 +40,25 @@ def default_resize(image_size: int) -> int:
     return int(image_size * 256 / 224 + 0.5)
 
 
+@checked(
+    "data",
+    root=FOLDER_PATH,
+    cache=folder("a folder or null"),
+    fraction=FRACTION,
+    val_fraction=FRACTION,
+    num_classes=at_least(2),
+    classes=CLASSES,
+    image_size=IMAGE_SIZE,
+    resize_size=at_least(8, "an integer >= 8 or null"),
+    augment=FLAG,
+    flip=FLAG,
+    mean=MEAN,
+    std=STD,
+    check=one_of("decode", "header"),
+    skip_corrupt=FLAG,
+    num_workers=at_least(0),
+    progress=FLAG,
+)
 @dataclass(eq=False, kw_only=True)
 class ImageNetSubset(TensorDataModule):
     """A subset of an ImageFolder tree, from a prepared cache or decoded on the fly.
@@ -76,7 +96,7 @@ class ImageNetSubset(TensorDataModule):
                 f">= data.image_size={self.image_size}"
             )
         self.root = Path(self.root).expanduser()
-        self.cache = None if self.cache in (None, "") else Path(self.cache).expanduser()
+        self.cache = None if self.cache is None else Path(self.cache).expanduser()
         self.fraction, self.val_fraction = float(self.fraction), float(self.val_fraction)
         self.classes_requested = classes or None
         self.num_classes_requested = None if classes else self.num_classes

@@ -1,9 +1,9 @@
 """``rescalelab-prepare-imagenet``: decode an ImageNet subset once into ``data.cache``.
 
-It composes ``data=imagenet_subset`` with the same overrides a training run takes (and
-validates them the same way), so the cache is exactly what the run will ask for; then
-:meth:`ImageNetSubset.prepare_cache` builds or finishes it. ``python -m
-rescalelab.data.imagenet.prepare`` is the same command.
+It composes ``data=imagenet_subset`` with the same overrides a training run takes (and checks
+them the same way: the rules, then :class:`ImageNetSubset`'s own key checks), so the cache is
+exactly what the run will ask for; then :meth:`ImageNetSubset.prepare_cache` builds or
+finishes it. ``python -m rescalelab.data.imagenet.prepare`` is the same command.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.utils import instantiate
 
     from rescalelab.resolvers import composing
-    from rescalelab.validate import validate
+    from rescalelab.validate import check_targets, validate
 
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in args):
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         with composing(), initialize_config_module("rescalelab.conf", version_base="1.3"):
             cfg = compose("train", overrides=overrides)
         validate(cfg)
+        check_targets(cfg)  # ImageNetSubset's own key checks, before it is built
         dm: ImageNetSubset = instantiate(cfg.data)
         counts = dm.prepare_cache()
     except ConfigError as e:

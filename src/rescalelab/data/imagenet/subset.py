@@ -8,8 +8,8 @@ depends on the others. :meth:`Subset.digest` is the sha256 of the class list and
 list (the param ``data.subset_hash``).
 
 The checks here are the ones only the folder can answer (does it exist, which classes does it
-hold, is every class folder there and non-empty); the ranges of the keys are
-:mod:`rescalelab.validate`'s.
+hold, is every class folder there and non-empty); the ranges of the keys are checked by
+:class:`~rescalelab.data.imagenet.ImageNetSubset` when it is built (``errors.checked``).
 """
 
 from __future__ import annotations
