@@ -226,6 +226,8 @@ def test_a_decorated_dataclass_inherits_its_bases_checks():
     assert set(constructor_checks(Base)) == {"batch_size"}
     with pytest.raises(TypeError, match="has no parameter"):
         checked("data", colour=Expect(str))(Base)
+    with pytest.raises(TypeError, match="are not Expect instances"):
+        checked("data", batch_size="an integer")(Base)
 
 
 class CountingSGD(torch.optim.SGD):

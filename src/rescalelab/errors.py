@@ -121,6 +121,9 @@ def checked(group: str, **expects: Expect) -> Callable[[F], F]:
 def _checking(fn: Callable[..., Any], group: str, expects: dict[str, Expect]) -> Any:
     """``fn`` that first checks its arguments named in ``expects``."""
     signature = inspect.signature(fn)
+    wrong = sorted(k for k, v in expects.items() if not isinstance(v, Expect))
+    if wrong:
+        raise TypeError(f"{fn.__qualname__}: the checks of {wrong} are not Expect instances")
     missing = set(expects) - set(signature.parameters)
     if missing:
         raise TypeError(f"{fn.__qualname__} has no parameter {sorted(missing)}")
