@@ -48,28 +48,6 @@ RULES: list[Rule] = [
     Rule("optim.lr", above(0)),
     Rule("optim.momentum", Expect(float, lambda v: 0 <= v < 1, "a number in [0, 1)")),
     Rule("optim.weight_decay", number_at_least(0)),
-    Rule("data.batch_size", Expect(int, lambda v: v > 0, "an integer > 0")),
-    Rule("data.num_train", Expect(int, lambda v: v > 0, "an integer > 0")),
-    Rule("data.num_val", Expect(int, lambda v: v > 0, "an integer > 0")),
-    Rule("data.fraction", Expect(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")),
-    Rule("data.val_fraction", Expect(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")),
-    Rule("data.image_size", at_least(8)),
-    Rule("data.num_workers", at_least(0)),
-    Rule("data.crop_padding", at_least(0)),
-    Rule("model.dropout", Expect(float, lambda v: 0 <= v < 1, "a number in [0, 1)")),
-    Rule("norm.momentum", Expect(float, lambda v: 0 < v <= 1, "a number in (0, 1]")),
-    Rule("norm.eps", above(0)),
-    Rule("norm.interval", at_least(1)),
-    Rule("norm.init_batches", at_least(1)),
-    Rule("norm.warmup_epochs", at_least(0)),
-    Rule(
-        "norm.eps_mode",
-        Expect(str, lambda v: v in ("absolute", "relative"), "one of: absolute, relative"),
-    ),
-    Rule("norm.max_scale", Expect(float, lambda v: v >= 1, "null or a number >= 1")),
-    Rule("norm.min_active", Expect(float, lambda v: 0 < v <= 1, "null or a fraction in (0, 1]")),
-    Rule("data.train_eval_size", at_least(1, "null or an integer >= 1")),
-    Rule("norm.lr_after_switch", Expect(float, lambda v: v > 0, "a number > 0 or null")),
     Rule("trainer.max_epochs", at_least(1)),
     # Lightning's lr_scheduler_config: a plain dict, no constructor of ours checks it
     Rule(
@@ -87,11 +65,6 @@ RULES: list[Rule] = [
     Rule("optim.alpha", Expect(float, lambda v: 0 < v < 1, "a number in (0, 1)")),
     Rule("optim.eps", above(0)),
     Rule("optim.lr_decay", number_at_least(0)),
-    Rule("data.dim", at_least(1)),
-    Rule("data.cond", Expect(float, lambda v: v >= 1, "a number >= 1")),
-    Rule("data.lam", number_at_least(0)),
-    Rule("data.noise_std", number_at_least(0)),
-    Rule("data.label_noise", Expect(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")),
     Rule("callbacks.theory.every_n_steps", at_least(1)),
     Rule("callbacks.train_eval.every_n_epochs", at_least(1)),
     Rule(
@@ -116,55 +89,6 @@ RULES: list[Rule] = [
         Expect(str, _is_uri, "a URI such as sqlite:///<file>.db or http://host:port"),
     ),
     Rule("logger.log_model", FLAG),
-    Rule("data.seed", at_least(0)),
-    Rule("data.problem_seed", at_least(0)),
-    Rule("data.num_classes", at_least(2)),
-    Rule("data.channels", at_least(1)),
-    Rule("data.field_noise", number_at_least(0)),
-    Rule("data.pixel_noise", number_at_least(0)),
-    Rule("data.weight_scale", above(0)),
-    Rule("data.resize_size", at_least(8, "an integer >= 8 or null")),
-    Rule("data.root", Expect(str, lambda v: bool(v), "a folder")),
-    Rule("data.cache", Expect(str, lambda v: bool(v), "a folder or null")),
-    Rule("data.cache_dir", Expect(str, lambda v: bool(v), "a folder")),
-    Rule("data.check", Expect(str, lambda v: v in ("decode", "header"), "one of: decode, header")),
-    Rule(
-        "data.classes",
-        Expect(
-            list,
-            lambda v: len(v) >= 2 and all(isinstance(c, str) for c in v),
-            "a list of at least 2 class folder names, or null",
-        ),
-    ),
-    Rule(
-        "data.mean",
-        Expect(list, lambda v: _numbers(v, 3, lambda x: True), "a list of 3 numbers or null"),
-    ),
-    Rule(
-        "data.std",
-        Expect(
-            list,
-            lambda v: _numbers(v, 3, lambda x: x > 0),
-            "a list of 3 numbers > 0 or null",
-        ),
-    ),
-    *[
-        Rule(f"data.{k}", Expect(bool, allowed="true or false"))
-        for k in (
-            "augment",
-            "flip",
-            "download",
-            "verify",
-            "noise_estimate",
-            "replacement",
-            "skip_corrupt",
-            "progress",
-        )
-    ],
-    Rule("model.bias", FLAG),
-    Rule("model.init", Expect(str, lambda v: v in ("zeros", "default"), "one of: zeros, default")),
-    Rule("model.pool_size", at_least(1)),
-    Rule("norm.sync", FLAG),
     Rule(
         "optim.betas",
         Expect(
@@ -301,18 +225,4 @@ RULES: list[Rule] = [
     Rule("optim.shampoo_beta", Expect(float, lambda v: 0 <= v < 1, "a number in [0, 1)")),
     Rule("optim.precondition_frequency", at_least(1)),
     Rule("optim.max_precond_dim", at_least(1)),
-    Rule("norm.groups", at_least(1)),
-    Rule("norm.mean_only_bn", FLAG),
-    Rule("norm.r_max", Expect(float, lambda v: v >= 1, "a number >= 1")),
-    Rule("norm.d_max", number_at_least(0)),
-    *[
-        Rule(f"norm.{k}", Expect(int, lambda v: v >= 0, "an integer >= 0"))
-        for k in ("relax_start", "r_relax_steps", "d_relax_steps")
-    ],
-    Rule("model.blocks", at_least(1)),
-    Rule("model.width", at_least(1)),
-    Rule(
-        "model.shortcut",
-        Expect(str, lambda v: v in ("projection", "pad"), "one of: projection, pad"),
-    ),
 ]
