@@ -46,7 +46,7 @@ def _step(trainer: pl.Trainer) -> int:
 class DivergenceGuard(Callback):
     """Stop at the first step with a non-finite loss or a loss above ``max_factor`` · f_0.
 
-    ``max_factor`` (> 1) ``=null`` keeps only the non-finite test. ``check_every_n_steps`` > 1
+    ``max_factor`` > 1, or ``null``: only the non-finite test. ``check_every_n_steps`` > 1
     reads the losses back from the device once per that many steps (fewer synchronizations on
     a GPU); the step reported is still the first bad one.
     """
