@@ -18,9 +18,9 @@ then BN is folded into the layers and training continues in the whitened paramet
 warm-up the statistics drift faster than the running estimates follow, and stale μ, α give big
 unwarranted updates that push units into the flat region of the ReLU; "2 BN epochs before
 whitening" fix it. :class:`BNWarmupMonitor` logs, at the switch step, the numbers that say
-whether the chosen k was enough (one batched call, when the epoch after the switch is over):
+whether the chosen k was enough (one batched call, when the epoch after the switch is over),
+all at the switch step (the step itself is ``norm/switch_step``, logged once by the switch):
 
-* ``bn_warmup/switch_step``;
 * ``bn_warmup/loss_before`` (training loss of the last warm-up step), ``loss_before_mean`` (mean
   over the last ``window`` warm-up steps), ``loss_after`` (first whitened step);
 * ``bn_warmup/max_spike`` = max of the training loss over the epoch after the switch minus
@@ -56,7 +56,8 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from rescalelab.callbacks.drift import DriftMonitor
 from rescalelab.callbacks.drift.monitor import steps_per_epoch as _steps_per_epoch
-from rescalelab.errors import ConfigError
+from rescalelab.callbacks.required import required
+from rescalelab.errors import at_least, checked
 
 LAG_STATS = ("lag_mean_z_probe", "lag_logvar_probe", "lag_mean_z", "lag_logvar")
 
@@ -162,21 +163,19 @@ def continue_schedule(old: LRScheduler, new: LRScheduler) -> None:
         group["lr"] = group.get("initial_lr", group["lr"]) * ratio
 
 
+@checked("callbacks.bn_warmup", window=at_least(1), extra_steps=at_least(1))
 class BNWarmupMonitor(pl.Callback):
     """Loss, lag and dead-unit numbers around the BN → whitening switch (module docstring).
 
     Args:
-        window: warm-up steps averaged into ``loss_before_mean``.
-        extra_steps: steps from the switch on that the drift monitor instruments densely.
+        window: warm-up steps averaged into ``loss_before_mean`` (an integer >= 1).
+        extra_steps: steps from the switch on that the drift monitor instruments densely (an
+            integer >= 1).
     """
 
     def __init__(self, window: int = 10, extra_steps: int = 5) -> None:
         super().__init__()
-        for key, value in (("window", window), ("extra_steps", extra_steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(
-                    f"callbacks.bn_warmup.{key}={value!r} is invalid: expected an integer >= 1"
-                )
+        required(BNWarmupMonitor, "callbacks.bn_warmup", window=window, extra_steps=extra_steps)
         self.window, self.extra_steps = window, extra_steps
         self.report: dict[str, float] = {}
 
@@ -256,7 +255,7 @@ class BNWarmupMonitor(pl.Callback):
     ) -> dict[str, float]:
         """The metrics of the module docstring from per-step losses and the drift records."""
         sw = int(self.switch_step or 0)
-        out: dict[str, float] = {"bn_warmup/switch_step": float(sw)}
+        out: dict[str, float] = {}  # the switch step itself is norm/switch_step (BnWarmupSwitch)
         before = losses[steps < sw]
         after_mask = (steps >= sw) & (steps < sw + max(steps_per_epoch, 1))
         after = losses[after_mask]

@@ -37,7 +37,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from rescalelab.errors import ConfigError
+from rescalelab.callbacks.required import required
+from rescalelab.errors import FLAG, Expect, at_least, checked, number_at_least
+
+# The same words as the rules of Lightning's ModelCheckpoint keys (callbacks.*.dirpath, ...).
+FOLDER = Expect(str, lambda v: bool(v), "a folder")
+FILE_NAME = Expect(str, lambda v: bool(v) and "/" not in v, "a file name")
 
 
 class Interrupted(Exception):
@@ -50,12 +55,21 @@ class Interrupted(Exception):
         self.signum, self.checkpoint = signum, checkpoint
 
 
+@checked(
+    "callbacks.last",
+    dirpath=FOLDER,
+    filename=FILE_NAME,
+    every_n_train_steps=at_least(1, "an integer >= 1 or null"),
+    on_signal=FLAG,
+    flush_timeout=number_at_least(0),
+)
 class LastCheckpoint(Callback):
     """Keeps ``<dirpath>/<filename>.ckpt`` current for ``resume=true`` (see the module docstring).
 
     ``every_n_train_steps``: stage a checkpoint every this many optimizer steps (``null``: only
     on signals). ``on_signal``: handle SIGINT/SIGTERM. ``flush_timeout``: how long a commit waits
-    for the metric queue (only while deliveries succeed).
+    for the metric queue (seconds >= 0, only while deliveries succeed). Each argument is checked
+    on every call (``errors.checked``), and by ``validate.check_targets`` before anything is built.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -70,13 +84,7 @@ class LastCheckpoint(Callback):
         on_signal: bool = True,
         flush_timeout: float = 30.0,
     ) -> None:
-        if every_n_train_steps is not None and (
-            not isinstance(every_n_train_steps, int) or every_n_train_steps < 1
-        ):
-            raise ConfigError(
-                f"callbacks.last.every_n_train_steps={every_n_train_steps} is invalid: "
-                "expected an integer >= 1 or null"
-            )
+        required(LastCheckpoint, "callbacks.last", dirpath=dirpath, filename=filename)
         self.path = Path(dirpath) / f"{filename}.ckpt"
         self.staged = Path(f"{self.path}.staged")
         self.every, self.on_signal, self.flush_timeout = (

@@ -20,7 +20,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from rescalelab.errors import ConfigError
+from rescalelab.callbacks.required import required
+from rescalelab.errors import Expect, at_least, checked
 
 
 class Diverged(Exception):
@@ -37,24 +38,21 @@ def _step(trainer: pl.Trainer) -> int:
     return max(trainer.global_step - 1, 0)
 
 
+@checked(
+    "callbacks.guard",
+    max_factor=Expect(float, lambda v: v > 1, "a number > 1 or null"),
+    check_every_n_steps=at_least(1),
+)
 class DivergenceGuard(Callback):
     """Stop at the first step with a non-finite loss or a loss above ``max_factor`` · f_0.
 
-    ``max_factor=null`` keeps only the non-finite test. ``check_every_n_steps`` > 1 reads the
-    losses back from the device once per that many steps (fewer synchronizations on a GPU);
-    the step reported is still the first bad one.
+    ``max_factor`` > 1, or ``null``: only the non-finite test. ``check_every_n_steps`` > 1
+    reads the losses back from the device once per that many steps (fewer synchronizations on
+    a GPU); the step reported is still the first bad one.
     """
 
     def __init__(self, max_factor: float | None = 10.0, check_every_n_steps: int = 1) -> None:
-        if max_factor is not None and not max_factor > 1:
-            raise ConfigError(
-                f"callbacks.guard.max_factor={max_factor} is invalid: expected a number > 1 or null"
-            )
-        if not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
-            raise ConfigError(
-                f"callbacks.guard.check_every_n_steps={check_every_n_steps} is invalid: "
-                "expected an integer >= 1"
-            )
+        required(DivergenceGuard, "callbacks.guard", check_every_n_steps=check_every_n_steps)
         self.max_factor, self.every = max_factor, check_every_n_steps
         self.initial_loss: float | None = None
         self._seen: list[tuple[int, torch.Tensor]] = []

@@ -15,9 +15,13 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
 
+from rescalelab.errors import at_least, checked
 
+
+@checked("callbacks.progress", refresh_rate=at_least(0))
 class ProgressBar(RichProgressBar):
-    """``RichProgressBar`` (same arguments) updated at most ``refresh_rate`` times a second."""
+    """``RichProgressBar`` (same arguments) updated at most ``refresh_rate`` times a second
+    (0: Lightning's "no bar")."""
 
     def __init__(self, refresh_rate: int = 5, **kwargs: Any) -> None:
         super().__init__(refresh_rate=refresh_rate, **kwargs)

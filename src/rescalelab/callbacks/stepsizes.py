@@ -42,7 +42,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from rescalelab.errors import ConfigError
+from rescalelab.callbacks.required import required
+from rescalelab.errors import FLAG, above, checked
 from rescalelab.geometry import rescalable_layers
 
 ADAPTIVE = ("exp_avg_sq", "square_avg", "sum")  # Adam(W), RMSprop, Adagrad state keys
@@ -93,6 +94,7 @@ def _columns(layer: nn.Module, per_input: Tensor) -> Tensor:
     return per_input.view(1, -1).expand_as(w)
 
 
+@checked("callbacks.stepsizes", var_threshold=above(0), per_step=FLAG)
 class StepsizeMonitor(pl.Callback):
     """Effective stepsizes per layer every epoch; near-zero-variance inputs every logging step.
 
@@ -103,12 +105,7 @@ class StepsizeMonitor(pl.Callback):
 
     def __init__(self, var_threshold: float = 1e-3, per_step: bool = True) -> None:
         super().__init__()
-        ok = isinstance(var_threshold, (int, float)) and not isinstance(var_threshold, bool)
-        if not ok or not var_threshold > 0:
-            raise ConfigError(
-                f"callbacks.stepsizes.var_threshold={var_threshold!r} is invalid: "
-                "expected a number > 0"
-            )
+        required(StepsizeMonitor, "callbacks.stepsizes", var_threshold=var_threshold)
         self.var_threshold, self.per_step = float(var_threshold), bool(per_step)
         self._step, self._last = 0, False
         self._before: dict[str, Tensor] = {}

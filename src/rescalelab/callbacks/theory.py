@@ -30,7 +30,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from rescalelab.errors import ConfigError
+from rescalelab.callbacks.required import required
+from rescalelab.errors import ConfigError, at_least, checked
 from rescalelab.optim.schedules import ConstantFactor, InverseFactor
 
 CONDITION_TAG = "rescalelab.theory.condition"
@@ -92,6 +93,7 @@ def schedule_kind(trainer: pl.Trainer) -> tuple[str, Any]:
 
 
 # -- the callback ------------------------------------------------------------------------------
+@checked("callbacks.theory", every_n_steps=at_least(1), per_decade=at_least(0))
 class TheoryCallback(pl.Callback):
     """Log the exact gap, ‖∇F‖² and BCN's bounds every ``every_n_steps`` steps (see module doc).
 
@@ -100,11 +102,8 @@ class TheoryCallback(pl.Callback):
     """
 
     def __init__(self, every_n_steps: int = 50, per_decade: int = 0) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ConfigError(
-                f"callbacks.theory.every_n_steps={every_n_steps} is invalid: expected an integer >= 1"
-            )
-        self.every_n_steps, self.per_decade = every_n_steps, per_decade
+        required(TheoryCallback, "callbacks.theory", every_n_steps=every_n_steps)
+        self.every_n_steps, self.per_decade = every_n_steps, per_decade or 0  # null: off, as 0
         self._log_steps: set[int] = set()
 
     # -- helpers ---------------------------------------------------------------------------------

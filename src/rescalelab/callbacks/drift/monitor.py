@@ -29,7 +29,10 @@ from rescalelab.callbacks.drift import outputs
 from rescalelab.callbacks.drift import stats as ds
 from rescalelab.callbacks.drift.collector import StatsCollector
 from rescalelab.callbacks.drift.probe import auto_probe, probe_batches
-from rescalelab.errors import ConfigError
+from rescalelab.callbacks.required import required
+from rescalelab.errors import FLAG, Expect, above, at_least, checked, one_of
+
+POSITIVE_NUMBER = above(0)
 
 # What goes to MLflow as metrics on every instrumented step with ``metrics: compact``; every
 # statistic, always, goes to drift/summary.parquet.
@@ -40,16 +43,6 @@ COMPACT_STATS = frozenset(
         "lag_mean_z_probe", "lag_logvar_probe", "lag_steps_probe", "n_eff", "settle_step",
     }
 )  # fmt: skip
-
-
-def _integer(lo: int, none_ok: bool = False):
-    return lambda v: (
-        (none_ok and v is None) or (isinstance(v, int) and not isinstance(v, bool) and v >= lo)
-    )
-
-
-def _positive(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
 def steps_per_epoch(trainer: pl.Trainer) -> int:
@@ -75,8 +68,31 @@ def switch_step(plug: Any) -> int | None:
     return getattr(plug, "switched_at_step", None)
 
 
+@checked(
+    "callbacks.drift",
+    dense_steps=at_least(0),
+    per_decade=POSITIVE_NUMBER,
+    every_n_steps=at_least(1, "an integer >= 1 or null"),
+    probe_size=at_least(0, "an integer >= 0 or null"),
+    probe_batch_size=at_least(1, "an integer >= 1 or null"),
+    probe_every=at_least(1),
+    probe_epochs=at_least(0),
+    settle_threshold=POSITIVE_NUMBER,
+    settle_threshold_logvar=POSITIVE_NUMBER,
+    lag_steps_max_se=POSITIVE_NUMBER,
+    eps=POSITIVE_NUMBER,
+    track_bn=FLAG,
+    metrics=one_of("compact", "all"),
+    arrays=FLAG,
+    figures=FLAG,
+    dirpath=Expect(str, lambda v: bool(v), "a folder"),
+)
 class DriftMonitor(pl.Callback):
     """Statistics drift, running-estimate lag, dead units and update sizes, per layer.
+
+    Every argument is checked on each call (``errors.checked``, one line naming
+    ``callbacks.drift.<arg>``) and by ``validate.check_targets`` before anything is built;
+    ``null`` is allowed only where it has a meaning below.
 
     Args:
         dense_steps: every step below this one is instrumented.
@@ -123,23 +139,12 @@ class DriftMonitor(pl.Callback):
         dirpath: str | None = None,
     ) -> None:
         super().__init__()
-        checks = [
-            ("dense_steps", dense_steps, _integer(0), "an integer >= 0"),
-            ("per_decade", per_decade, _positive, "a number > 0"),
-            ("every_n_steps", every_n_steps, _integer(1, True), "an integer >= 1 or null"),
-            ("probe_size", probe_size, _integer(0, True), "an integer >= 0 or null"),
-            ("probe_batch_size", probe_batch_size, _integer(1, True), "an integer >= 1 or null"),
-            ("probe_every", probe_every, _integer(1), "an integer >= 1"),
-            ("probe_epochs", probe_epochs, _integer(0), "an integer >= 0"),
-            ("settle_threshold", settle_threshold, _positive, "a number > 0"),
-            ("settle_threshold_logvar", settle_threshold_logvar, _positive, "a number > 0"),
-            ("lag_steps_max_se", lag_steps_max_se, _positive, "a number > 0"),
-            ("eps", eps, _positive, "a number > 0"),
-            ("metrics", metrics, lambda v: v in ("compact", "all"), "one of: compact, all"),
-        ]
-        for key, value, ok, allowed in checks:
-            if not ok(value):
-                raise ConfigError(f"callbacks.drift.{key}={value!r} is invalid: expected {allowed}")
+        required(
+            DriftMonitor, "callbacks.drift", dense_steps=dense_steps, per_decade=per_decade,
+            probe_every=probe_every, probe_epochs=probe_epochs, settle_threshold=settle_threshold,
+            settle_threshold_logvar=settle_threshold_logvar, lag_steps_max_se=lag_steps_max_se,
+            eps=eps, metrics=metrics,
+        )  # fmt: skip
         self.dense_steps, self.per_decade = dense_steps, per_decade
         self.every_n_steps = every_n_steps
         self.probe_size, self.probe_batch_size = probe_size, probe_batch_size
