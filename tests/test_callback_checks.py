@@ -81,6 +81,9 @@ def test_a_direct_call_with_a_bad_value_raises_one_line(call, line):
         (["callbacks=stepsizes", "callbacks.stepsizes.var_threshold=-1"], "callbacks.stepsizes.var_threshold=-1 is invalid: expected a number > 0"),
         (["callbacks=theory", "data=quadratic", "model=linear", "model.bias=false", "callbacks.theory.every_n_steps=0"], "callbacks.theory.every_n_steps=0 is invalid: expected an integer >= 1"),
         (["callbacks=train_eval", "callbacks.train_eval.every_n_epochs=0"], "callbacks.train_eval.every_n_epochs=0 is invalid: expected an integer >= 1"),
+        # null where it means nothing (errors.required): refused before anything is built
+        (["callbacks=train_eval", "callbacks.train_eval.every_n_epochs=null"], "callbacks.train_eval.every_n_epochs=None is invalid: expected an integer >= 1"),
+        (["callbacks=drift", "callbacks.drift.metrics=null"], "callbacks.drift.metrics=None is invalid: expected one of: compact, all"),
     ],
     ids=lambda v: v[-1].split("=")[0] if isinstance(v, list) else "",
 )  # fmt: skip

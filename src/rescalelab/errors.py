@@ -3,6 +3,7 @@ one helper with which a constructor checks its own arguments (:func:`checked`)."
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -41,6 +42,12 @@ class Expect:
     kind: type | tuple[type, ...]
     ok: Callable[[Any], bool] = lambda v: True
     allowed: str = ""
+    nullable: bool = True  # ``null`` passes (it means "default" or "off"); see :func:`required`
+
+
+def required(expect: Expect) -> Expect:
+    """``expect`` for an argument that has no ``null`` meaning: ``None`` is refused too."""
+    return dataclasses.replace(expect, nullable=False)
 
 
 def type_ok(value: object, kind: type | tuple[type, ...]) -> bool:
@@ -59,7 +66,10 @@ def type_ok(value: object, kind: type | tuple[type, ...]) -> bool:
 
 def check(key: str, value: object, expect: Expect) -> None:
     """Raise a one-line :class:`ConfigError` (``<key>=<value> is invalid: expected …``) unless
-    ``value`` has the type and passes the test of ``expect``."""
+    ``value`` has the type and passes the test of ``expect``, or is ``None`` where that is
+    allowed (``expect.nullable``)."""
+    if value is None and expect.nullable:
+        return
     if isinstance(value, ListConfig):
         value = OmegaConf.to_container(value, resolve=True)
     if not type_ok(value, expect.kind) or not expect.ok(value):
@@ -97,9 +107,10 @@ def checked(group: str, **expects: Expect) -> Callable[[F], F]:
 
     Decorates a function, an ``__init__``, or a class (above ``@dataclass``, whose
     generated ``__init__`` it wraps): a class inherits the checks of its decorated bases and
-    adds its own. Every call checks the named arguments (``None`` always passes: it means
-    "default" or "off") and raises one line naming ``<group>.<argument>``. The expectations
-    are also kept as ``config_checks`` (on the function, or on the class), so that
+    adds its own. Every call checks the named arguments (``None`` passes unless the check
+    is :func:`required`: elsewhere it means "default" or "off") and raises one line naming
+    ``<group>.<argument>``. The expectations are also kept as ``config_checks`` (on the
+    function, or on the class), so that
     :func:`rescalelab.validate.check_targets` applies them to a config node *before*
     anything is built or tracked (a sweep checks every job first), and a new key costs one
     edit: its parameter and its expectation, side by side.
@@ -133,9 +144,7 @@ def _checking(fn: Callable[..., Any], group: str, expects: dict[str, Expect]) ->
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         for name, expect in expects.items():
-            value = bound.arguments[name]
-            if value is not None:
-                check(f"{group}.{name}", value, expect)
+            check(f"{group}.{name}", bound.arguments[name], expect)
         return fn(*args, **kwargs)
 
     return constructor

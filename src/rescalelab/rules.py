@@ -65,8 +65,6 @@ RULES: list[Rule] = [
     Rule("optim.alpha", Expect(float, lambda v: 0 < v < 1, "a number in (0, 1)")),
     Rule("optim.eps", above(0)),
     Rule("optim.lr_decay", number_at_least(0)),
-    Rule("callbacks.theory.every_n_steps", at_least(1)),
-    Rule("callbacks.train_eval.every_n_epochs", at_least(1)),
     Rule(
         "runner",
         Expect(
@@ -172,7 +170,6 @@ RULES: list[Rule] = [
     ],
     Rule("callbacks.*.dirpath", Expect(str, lambda v: bool(v), "a folder")),
     Rule("callbacks.*.filename", Expect(str, lambda v: bool(v) and "/" not in v, "a file name")),
-    Rule("callbacks.progress.refresh_rate", at_least(0)),
     Rule(
         "callbacks.checkpoint.monitor",
         Expect(str, lambda v: bool(v), "a logged metric such as val/loss"),
@@ -190,35 +187,6 @@ RULES: list[Rule] = [
         ),
     ),
     Rule("callbacks.*.enable_version_counter", FLAG),
-    Rule("callbacks.last.every_n_train_steps", at_least(1, "an integer >= 1 or null")),
-    Rule("callbacks.last.on_signal", FLAG),
-    Rule("callbacks.last.flush_timeout", number_at_least(0)),
-    Rule("callbacks.guard.max_factor", Expect(float, lambda v: v > 1, "a number > 1 or null")),
-    Rule("callbacks.guard.check_every_n_steps", at_least(1)),
-    Rule("callbacks.theory.per_decade", at_least(0)),
-    Rule("callbacks.drift.dense_steps", at_least(0)),
-    Rule(
-        "callbacks.drift.metrics",
-        Expect(str, lambda v: v in ("compact", "all"), "one of: compact, all"),
-    ),
-    Rule("callbacks.bn_warmup.window", at_least(1)),
-    Rule("callbacks.stepsizes.var_threshold", above(0)),
-    Rule("callbacks.stepsizes.per_step", FLAG),
-    Rule("callbacks.bn_warmup.extra_steps", at_least(1)),
-    Rule("callbacks.drift.per_decade", above(0)),
-    Rule("callbacks.drift.every_n_steps", at_least(1)),
-    Rule("callbacks.drift.probe_size", at_least(0)),
-    Rule("callbacks.drift.probe_batch_size", at_least(1, "an integer >= 1 or null")),
-    Rule("callbacks.drift.probe_every", at_least(1)),
-    Rule("callbacks.drift.probe_epochs", at_least(0)),
-    *[
-        Rule(f"callbacks.drift.{k}", Expect(float, lambda v: v > 0, "a number > 0"))
-        for k in ("settle_threshold", "settle_threshold_logvar", "lag_steps_max_se", "eps")
-    ],
-    *[
-        Rule(f"callbacks.drift.{k}", Expect(bool, allowed="true or false"))
-        for k in ("track_bn", "arrays", "figures")
-    ],
     # -- the comparison baselines (docs/baselines.md) ----------------------------------------
     Rule("optim.nesterov", FLAG),
     Rule("optim.compile", FLAG),

@@ -114,8 +114,10 @@ def check_targets(cfg: DictConfig) -> None:
     """
     for key, node, obj in targets(cfg):
         for name, expect in constructor_checks(obj).items():
+            if name not in node:
+                continue  # the constructor's default
             value = node.get(name)
-            if value is not None and not isinstance(value, DictConfig):
+            if not isinstance(value, DictConfig):
                 check(f"{key}.{name}", value, expect)
 
 

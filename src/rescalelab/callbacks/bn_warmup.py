@@ -56,8 +56,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from rescalelab.callbacks.drift import DriftMonitor
 from rescalelab.callbacks.drift.monitor import steps_per_epoch as _steps_per_epoch
-from rescalelab.callbacks.required import required
-from rescalelab.errors import at_least, checked
+from rescalelab.errors import at_least, checked, required
 
 LAG_STATS = ("lag_mean_z_probe", "lag_logvar_probe", "lag_mean_z", "lag_logvar")
 
@@ -163,7 +162,7 @@ def continue_schedule(old: LRScheduler, new: LRScheduler) -> None:
         group["lr"] = group.get("initial_lr", group["lr"]) * ratio
 
 
-@checked("callbacks.bn_warmup", window=at_least(1), extra_steps=at_least(1))
+@checked("callbacks.bn_warmup", window=required(at_least(1)), extra_steps=required(at_least(1)))
 class BNWarmupMonitor(pl.Callback):
     """Loss, lag and dead-unit numbers around the BN → whitening switch (module docstring).
 
@@ -175,7 +174,6 @@ class BNWarmupMonitor(pl.Callback):
 
     def __init__(self, window: int = 10, extra_steps: int = 5) -> None:
         super().__init__()
-        required(BNWarmupMonitor, "callbacks.bn_warmup", window=window, extra_steps=extra_steps)
         self.window, self.extra_steps = window, extra_steps
         self.report: dict[str, float] = {}
 

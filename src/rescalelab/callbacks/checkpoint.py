@@ -37,8 +37,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from rescalelab.callbacks.required import required
-from rescalelab.errors import FLAG, Expect, at_least, checked, number_at_least
+from rescalelab.errors import FLAG, Expect, at_least, checked, number_at_least, required
 
 # The same words as the rules of Lightning's ModelCheckpoint keys (callbacks.*.dirpath, ...).
 FOLDER = Expect(str, lambda v: bool(v), "a folder")
@@ -57,8 +56,8 @@ class Interrupted(Exception):
 
 @checked(
     "callbacks.last",
-    dirpath=FOLDER,
-    filename=FILE_NAME,
+    dirpath=required(FOLDER),
+    filename=required(FILE_NAME),
     every_n_train_steps=at_least(1, "an integer >= 1 or null"),
     on_signal=FLAG,
     flush_timeout=number_at_least(0),
@@ -84,7 +83,6 @@ class LastCheckpoint(Callback):
         on_signal: bool = True,
         flush_timeout: float = 30.0,
     ) -> None:
-        required(LastCheckpoint, "callbacks.last", dirpath=dirpath, filename=filename)
         self.path = Path(dirpath) / f"{filename}.ckpt"
         self.staged = Path(f"{self.path}.staged")
         self.every, self.on_signal, self.flush_timeout = (

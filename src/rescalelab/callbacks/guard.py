@@ -20,8 +20,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from rescalelab.callbacks.required import required
-from rescalelab.errors import Expect, at_least, checked
+from rescalelab.errors import Expect, at_least, checked, required
 
 
 class Diverged(Exception):
@@ -41,7 +40,7 @@ def _step(trainer: pl.Trainer) -> int:
 @checked(
     "callbacks.guard",
     max_factor=Expect(float, lambda v: v > 1, "a number > 1 or null"),
-    check_every_n_steps=at_least(1),
+    check_every_n_steps=required(at_least(1)),
 )
 class DivergenceGuard(Callback):
     """Stop at the first step with a non-finite loss or a loss above ``max_factor`` · f_0.
@@ -52,7 +51,6 @@ class DivergenceGuard(Callback):
     """
 
     def __init__(self, max_factor: float | None = 10.0, check_every_n_steps: int = 1) -> None:
-        required(DivergenceGuard, "callbacks.guard", check_every_n_steps=check_every_n_steps)
         self.max_factor, self.every = max_factor, check_every_n_steps
         self.initial_loss: float | None = None
         self._seen: list[tuple[int, torch.Tensor]] = []

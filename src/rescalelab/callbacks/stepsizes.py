@@ -42,8 +42,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from rescalelab.callbacks.required import required
-from rescalelab.errors import FLAG, above, checked
+from rescalelab.errors import FLAG, above, checked, required
 from rescalelab.geometry import rescalable_layers
 
 ADAPTIVE = ("exp_avg_sq", "square_avg", "sum")  # Adam(W), RMSprop, Adagrad state keys
@@ -94,7 +93,7 @@ def _columns(layer: nn.Module, per_input: Tensor) -> Tensor:
     return per_input.view(1, -1).expand_as(w)
 
 
-@checked("callbacks.stepsizes", var_threshold=above(0), per_step=FLAG)
+@checked("callbacks.stepsizes", var_threshold=required(above(0)), per_step=FLAG)
 class StepsizeMonitor(pl.Callback):
     """Effective stepsizes per layer every epoch; near-zero-variance inputs every logging step.
 
@@ -105,7 +104,6 @@ class StepsizeMonitor(pl.Callback):
 
     def __init__(self, var_threshold: float = 1e-3, per_step: bool = True) -> None:
         super().__init__()
-        required(StepsizeMonitor, "callbacks.stepsizes", var_threshold=var_threshold)
         self.var_threshold, self.per_step = float(var_threshold), bool(per_step)
         self._step, self._last = 0, False
         self._before: dict[str, Tensor] = {}

@@ -30,8 +30,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from rescalelab.callbacks.required import required
-from rescalelab.errors import ConfigError, at_least, checked
+from rescalelab.errors import ConfigError, at_least, checked, required
 from rescalelab.optim.schedules import ConstantFactor, InverseFactor
 
 CONDITION_TAG = "rescalelab.theory.condition"
@@ -93,7 +92,7 @@ def schedule_kind(trainer: pl.Trainer) -> tuple[str, Any]:
 
 
 # -- the callback ------------------------------------------------------------------------------
-@checked("callbacks.theory", every_n_steps=at_least(1), per_decade=at_least(0))
+@checked("callbacks.theory", every_n_steps=required(at_least(1)), per_decade=at_least(0))
 class TheoryCallback(pl.Callback):
     """Log the exact gap, ‖∇F‖² and BCN's bounds every ``every_n_steps`` steps (see module doc).
 
@@ -102,7 +101,6 @@ class TheoryCallback(pl.Callback):
     """
 
     def __init__(self, every_n_steps: int = 50, per_decade: int = 0) -> None:
-        required(TheoryCallback, "callbacks.theory", every_n_steps=every_n_steps)
         self.every_n_steps, self.per_decade = every_n_steps, per_decade or 0  # null: off, as 0
         self._log_steps: set[int] = set()
 

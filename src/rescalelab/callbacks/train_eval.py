@@ -25,16 +25,14 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from rescalelab.callbacks.required import required
-from rescalelab.errors import ConfigError, at_least, checked
+from rescalelab.errors import ConfigError, at_least, checked, required
 
 
-@checked("callbacks.train_eval", every_n_epochs=at_least(1))
+@checked("callbacks.train_eval", every_n_epochs=required(at_least(1)))
 class TrainEval(pl.Callback):
     """Log ``train_eval/loss`` and ``train_eval/acc`` after every ``every_n_epochs`` epochs."""
 
     def __init__(self, every_n_epochs: int = 1) -> None:
-        required(TrainEval, "callbacks.train_eval", every_n_epochs=every_n_epochs)
         self.every_n_epochs = every_n_epochs
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

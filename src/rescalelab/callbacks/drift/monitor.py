@@ -29,8 +29,7 @@ from rescalelab.callbacks.drift import outputs
 from rescalelab.callbacks.drift import stats as ds
 from rescalelab.callbacks.drift.collector import StatsCollector
 from rescalelab.callbacks.drift.probe import auto_probe, probe_batches
-from rescalelab.callbacks.required import required
-from rescalelab.errors import FLAG, Expect, above, at_least, checked, one_of
+from rescalelab.errors import FLAG, Expect, above, at_least, checked, one_of, required
 
 POSITIVE_NUMBER = above(0)
 
@@ -70,19 +69,19 @@ def switch_step(plug: Any) -> int | None:
 
 @checked(
     "callbacks.drift",
-    dense_steps=at_least(0),
-    per_decade=POSITIVE_NUMBER,
+    dense_steps=required(at_least(0)),
+    per_decade=required(POSITIVE_NUMBER),
     every_n_steps=at_least(1, "an integer >= 1 or null"),
     probe_size=at_least(0, "an integer >= 0 or null"),
     probe_batch_size=at_least(1, "an integer >= 1 or null"),
-    probe_every=at_least(1),
-    probe_epochs=at_least(0),
-    settle_threshold=POSITIVE_NUMBER,
-    settle_threshold_logvar=POSITIVE_NUMBER,
-    lag_steps_max_se=POSITIVE_NUMBER,
-    eps=POSITIVE_NUMBER,
+    probe_every=required(at_least(1)),
+    probe_epochs=required(at_least(0)),
+    settle_threshold=required(POSITIVE_NUMBER),
+    settle_threshold_logvar=required(POSITIVE_NUMBER),
+    lag_steps_max_se=required(POSITIVE_NUMBER),
+    eps=required(POSITIVE_NUMBER),
     track_bn=FLAG,
-    metrics=one_of("compact", "all"),
+    metrics=required(one_of("compact", "all")),
     arrays=FLAG,
     figures=FLAG,
     dirpath=Expect(str, lambda v: bool(v), "a folder"),
@@ -139,12 +138,6 @@ class DriftMonitor(pl.Callback):
         dirpath: str | None = None,
     ) -> None:
         super().__init__()
-        required(
-            DriftMonitor, "callbacks.drift", dense_steps=dense_steps, per_decade=per_decade,
-            probe_every=probe_every, probe_epochs=probe_epochs, settle_threshold=settle_threshold,
-            settle_threshold_logvar=settle_threshold_logvar, lag_steps_max_se=lag_steps_max_se,
-            eps=eps, metrics=metrics,
-        )  # fmt: skip
         self.dense_steps, self.per_decade = dense_steps, per_decade
         self.every_n_steps = every_n_steps
         self.probe_size, self.probe_batch_size = probe_size, probe_batch_size
