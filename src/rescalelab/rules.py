@@ -1,8 +1,13 @@
-"""The value rules for the keys no constructor owns, as data: :data:`RULES` (one ``Rule`` a key).
+"""The value rules for the keys no constructor of rescalelab owns, as data: :data:`RULES`.
 
-A rule names a key (``*`` wildcards allowed), the type its value must have, a test on the value
-and the words that say what is allowed; :func:`rescalelab.validate.validate` applies them.
-This file holds that one table (which keys are here and why: validate.py's docstring).
+A rule names a key (``*`` wildcards allowed) and its :class:`~rescalelab.errors.Expect`: the
+type its value must have, a test on the value and the words that say what is allowed;
+:func:`rescalelab.validate.validate` applies them without importing torch. The keys here are
+those of torch's optimizers (which do not speak the one-line contract: ``lr=inf`` passes
+torch), Lightning's Trainer, ModelCheckpoint and ``lr_scheduler_config``, the logger, paths
+and the top-level keys. Every key of ``data``, ``model``, ``norm``, ``callbacks``,
+``schedule`` and ``param_groups`` is checked by its constructor instead
+(:func:`rescalelab.errors.checked`).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rescalelab.errors import FLAG, Expect, above, at_least, number_at_least
+from rescalelab.errors import FLAG, Expect, above, at_least, number_at_least, one_of
 from rescalelab.errors import type_ok as _type_ok
 
 
@@ -52,7 +57,7 @@ RULES: list[Rule] = [
     # Lightning's lr_scheduler_config: a plain dict, no constructor of ours checks it
     Rule(
         "lr_scheduler_config.interval",
-        Expect(str, lambda v: v in ("step", "epoch"), "one of: step, epoch"),
+        one_of("step", "epoch"),
     ),
     Rule("lr_scheduler_config.frequency", at_least(1)),
     Rule(
@@ -98,11 +103,7 @@ RULES: list[Rule] = [
     Rule("optim.initial_accumulator_value", number_at_least(0)),
     Rule(
         "trainer.accelerator",
-        Expect(
-            str,
-            lambda v: v in ("cpu", "gpu", "cuda", "mps", "auto"),
-            "one of: cpu, gpu, cuda, mps, auto",
-        ),
+        one_of("cpu", "gpu", "cuda", "mps", "auto"),
     ),
     Rule(
         "trainer.devices",
@@ -143,22 +144,14 @@ RULES: list[Rule] = [
     Rule("trainer.strategy", Expect(str, lambda v: bool(v), "a Lightning strategy name")),
     Rule(
         "trainer.strategy.process_group_backend",
-        Expect(
-            str,
-            lambda v: v in ("gloo", "nccl", "mpi"),
-            "one of: gloo, nccl, mpi",
-        ),
+        one_of("gloo", "nccl", "mpi"),
     ),
     Rule(
         "trainer.strategy.start_method",
-        Expect(
-            str,
-            lambda v: v in ("spawn", "fork", "forkserver", "popen"),
-            "one of: spawn, fork, forkserver, popen",
-        ),
+        one_of("spawn", "fork", "forkserver", "popen"),
     ),
     *[
-        Rule(f"trainer.{k}", Expect(bool, allowed="true or false"))
+        Rule(f"trainer.{k}", FLAG)
         for k in (
             "benchmark",
             "channels_last",
@@ -174,9 +167,7 @@ RULES: list[Rule] = [
         "callbacks.checkpoint.monitor",
         Expect(str, lambda v: bool(v), "a logged metric such as val/loss"),
     ),
-    Rule(
-        "callbacks.checkpoint.mode", Expect(str, lambda v: v in ("min", "max"), "one of: min, max")
-    ),
+    Rule("callbacks.checkpoint.mode", one_of("min", "max")),
     Rule("callbacks.checkpoint.save_top_k", at_least(-1)),
     Rule(
         "callbacks.checkpoint.save_last",

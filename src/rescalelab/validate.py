@@ -3,20 +3,22 @@
 Hydra already rejects unknown options and overrides of keys that do not exist. What Hydra
 cannot check is checked in one place per key:
 
-* a constructor of rescalelab checks its own arguments (:func:`rescalelab.errors.checked`);
-  :func:`check_targets` applies those checks to the config's nodes before anything is built;
-* :data:`RULES` (rules.py, the table) holds the keys that no such constructor owns (trainer, paths, logger, torch's
-  optimizers, which do not speak this contract: ``lr=inf`` passes torch) and the keys of
-  constructors that do not use :func:`~rescalelab.errors.checked` yet (data, model, norm,
-  callbacks); :func:`validate` applies them, with the cross-key checks, without importing
-  torch, so the command line's answer comes in about a second (preflight.py);
+* a constructor of rescalelab checks its own arguments (:func:`rescalelab.errors.checked`:
+  the data modules, models, norm plugs, callbacks, schedules and ``param_groups``);
+  :func:`check_targets` applies those checks to the config's nodes before anything is built
+  (the job, before it builds; the sweep's preflight, for every job);
+* :data:`~rescalelab.rules.RULES` (rules.py, the table) holds the keys that no constructor of
+  ours owns (torch's optimizers, Lightning's Trainer and ModelCheckpoint, paths, logger, the
+  top-level keys); :func:`validate` applies them, with the cross-key checks, without importing
+  torch, so the command line's answer to those comes in about a second (preflight.py);
 * keys *added* with ``+`` (:func:`check_added_keys`).
 
 :func:`uncovered_keys` lists keys that neither a rule nor their constructor checks, and a test
 keeps that list empty. Each failure is a :class:`ConfigError` whose one-line message names the
 key, the value and what is allowed. Rules apply when the key exists, so a group option without
-a key simply has nothing to check; ``null`` always passes (it means "default" or "off"
-wherever an option allows it). A rule key may hold ``*`` wildcards (``callbacks.*.dirpath``).
+a key simply has nothing to check; ``null`` passes (it means "default" or "off" wherever an
+option allows it) except where a constructor's check is :func:`~rescalelab.errors.required`.
+A rule key may hold ``*`` wildcards (``callbacks.*.dirpath``).
 """
 
 from __future__ import annotations
