@@ -230,6 +230,21 @@ def test_a_decorated_dataclass_inherits_its_bases_checks():
         checked("data", batch_size="an integer")(Base)
 
 
+def test_a_constructor_that_forwards_keys_declares_them_by_their_checks(tmp_path):
+    """``**kwargs`` passed on to another constructor: the declared keys are checked when given,
+    and are the only keys ``+key`` may add (norm=bn_warmup forwards Whitening's)."""
+    from rescalelab.norm import BnWarmup
+    from rescalelab.validate import check_added_keys
+
+    with pytest.raises(ConfigError, match=r"^norm.momentum=0 is invalid: expected a number in"):
+        BnWarmup(momentum=0)
+    assert BnWarmup(interval=3).whitening.interval == 3
+    cfg = compose_train("norm=bn_warmup")
+    check_added_keys(cfg, ["+norm.min_active=0.5"])  # forwarded, declared: a key
+    with pytest.raises(ConfigError, match=r"^norm.colour is not a key of norm .*eps_mode"):
+        check_added_keys(cfg, ["+norm.colour=red"])
+
+
 class CountingSGD(torch.optim.SGD):
     """torch's SGD that counts its constructions (the "built once" check)."""
 

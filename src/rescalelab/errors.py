@@ -130,21 +130,31 @@ def checked(group: str, **expects: Expect) -> Callable[[F], F]:
 
 
 def _checking(fn: Callable[..., Any], group: str, expects: dict[str, Expect]) -> Any:
-    """``fn`` that first checks its arguments named in ``expects``."""
-    signature = inspect.signature(fn)
+    """``fn`` that first checks its arguments named in ``expects``.
+
+    A name that is not a parameter of ``fn`` must go to its ``**kwargs`` (a constructor that
+    forwards keys to another one declares them by their checks); it is checked when passed.
+    """
     wrong = sorted(k for k, v in expects.items() if not isinstance(v, Expect))
     if wrong:
         raise TypeError(f"{fn.__qualname__}: the checks of {wrong} are not Expect instances")
-    missing = set(expects) - set(signature.parameters)
-    if missing:
+    signature = inspect.signature(fn)
+    params = signature.parameters
+    var_kw = next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None)
+    missing = set(expects) - set(params)
+    if missing and var_kw is None:
         raise TypeError(f"{fn.__qualname__} has no parameter {sorted(missing)}")
 
     @functools.wraps(fn)
     def constructor(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
+        forwarded = bound.arguments.get(var_kw, {}) if var_kw else {}
         for name, expect in expects.items():
-            check(f"{group}.{name}", bound.arguments[name], expect)
+            if name in params:
+                check(f"{group}.{name}", bound.arguments[name], expect)
+            elif name in forwarded:
+                check(f"{group}.{name}", forwarded[name], expect)
         return fn(*args, **kwargs)
 
     return constructor

@@ -266,13 +266,17 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
 
 
 def _target_params(target: str) -> set[str] | None:
-    """Keyword parameters of ``target`` (a class or a function), ``None`` if it takes any."""
+    """Keyword parameters of ``target`` (a class or a function), ``None`` if it takes any: with
+    ``**kwargs``, only the keys its checks declare (:func:`rescalelab.errors.checked`) are
+    known, and if it declares none it takes any."""
     try:
         obj = get_object(target)
         params = inspect.signature(obj).parameters.values()
     except Exception:  # noqa: BLE001 - instantiate reports an unknown target itself
         return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {p.name for p in params if p.kind in kinds and p.name != "self"}
+    named = {p.name for p in params if p.kind in kinds and p.name != "self"}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        declared = set(constructor_checks(obj))
+        return named | declared if declared - named else None
+    return named

@@ -67,31 +67,20 @@ class BnWarmup(NormPlug):
     key of :class:`~rescalelab.norm.whitening.Whitening` (``momentum``, ``interval``, ``eps``,
     ``init_batches``, the knobs for α), with its defaults; ``init_batches`` is also the number
     of training batches of the no-grad pass that initialises ``μ``, ``Var`` at the switch.
-    They are named here (not ``**kwargs``) so that the constructor checks them on the config
-    node too (``errors.checked``); that ``warmup_epochs`` leaves whitened epochs in
-    ``trainer.max_epochs`` is a check across groups (``rescalelab.validate.check_warmup``).
+    They go on to :class:`Whitening` (``**whitening``) and are declared here by their checks
+    (``errors.checked``), so that a call and the config node are checked as Whitening's are;
+    that ``warmup_epochs`` leaves whitened epochs in ``trainer.max_epochs`` is a check across
+    groups (``rescalelab.validate.check_warmup``).
     """
 
     name = "bn_warmup"
 
     def __init__(
-        self,
-        warmup_epochs: int = 2,
-        lr_after_switch: float | None = None,
-        momentum: float = 0.1,
-        interval: int = 1,
-        eps: float = 1e-5,
-        init_batches: int = 8,
-        eps_mode: str = "absolute",
-        max_scale: float | None = None,
-        min_active: float | None = None,
+        self, warmup_epochs: int = 2, lr_after_switch: float | None = None, **whitening: Any
     ) -> None:
         self.warmup_epochs = warmup_epochs
         self.lr_after_switch = None if lr_after_switch is None else float(lr_after_switch)
-        self.whitening = Whitening(
-            momentum=momentum, interval=interval, eps=eps, init_batches=init_batches,
-            eps_mode=eps_mode, max_scale=max_scale, min_active=min_active,
-        )  # fmt: skip
+        self.whitening = Whitening(**whitening)
         self.switched_at_step: int | None = None
         self.geometry: dict[str, LayerGeometry] | None = None
         self.pairs: list[tuple[str, str]] = []  # (layer, BatchNorm) folded at the switch
