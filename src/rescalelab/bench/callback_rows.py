@@ -37,7 +37,7 @@ def row_drift(root: Path, device: str, quick: bool) -> Comparison:
     """``callbacks=drift`` at its default schedule against ``callbacks=default``."""
     # The drift schedule is dense early and sparse later (as is its probe), so its overhead is
     # measured over a run as long as the default experiment (10 epochs of 78 steps).
-    sizes = (20, 2, 2, 128) if quick else (780, 10, 5, 128)
+    sizes = (6, 2, 2, 128) if quick else (780, 10, 5, 128)
     variants = {"default": ["callbacks=default"], "drift": ["callbacks=drift"]}
     return _callback_row(
         root, device, "drift callback (default schedule)", variants, sizes, ("drift", 1.05)
@@ -47,7 +47,7 @@ def row_drift(root: Path, device: str, quick: bool) -> Comparison:
 def row_train_eval(root: Path, device: str, quick: bool) -> Comparison:
     """The cost of ``train_eval/loss``: one no-grad forward over the ~10k training samples per
     epoch, i.e. about (forward cost) / (training-step cost) ≈ 1/3 of an epoch's time."""
-    sizes = (20, 2, 2, 128) if quick else (780, 10, 5, 128)
+    sizes = (6, 2, 2, 128) if quick else (780, 10, 5, 128)
     variants = {
         "default": ["callbacks=default"],
         "train_eval": ["callbacks=train_eval"],
@@ -61,7 +61,7 @@ def row_stepsizes(root: Path, device: str, quick: bool) -> Comparison:
     """``callbacks=stepsizes`` against ``callbacks=default``, both on whitening."""
     # The stepsize instrument's cost is per logging step (a few reductions) and per epoch (a
     # weight copy, a median per layer): measured on whitening, where it reads the most buffers.
-    sizes = (20, 2, 2, 128) if quick else (390, 5, 5, 128)
+    sizes = (6, 2, 2, 128) if quick else (390, 5, 5, 128)
     variants = {
         "default": ["norm=whitening", "callbacks=default"],
         "stepsizes": ["norm=whitening", "callbacks=stepsizes"],
