@@ -14,6 +14,7 @@ def row_framework(root: Path, device: str, quick: bool) -> list[Comparison]:
     """``framework`` (rescalelab / bare loop, with Lightning alone's floor) and ``logging``."""
     steps, rounds, batch = (6, 2, 128) if quick else (390, 7, 128)
     trainer = ["trainer=gpu"] if device.startswith("cuda") else []
+    warmup = 0 if quick else 1  # --quick: a smoke run, no warm-up fit
     samples = interleave(
         {
             "bare": bare_loop_timer(batch, steps, device),
@@ -21,6 +22,7 @@ def row_framework(root: Path, device: str, quick: bool) -> list[Comparison]:
             "rescalelab": fit_timer(root, trainer, steps, batch),
         },
         rounds,
+        warmup=warmup,
     )
     c = compare("framework (small_cnn, batch 128)", samples, base="rescalelab")
     # steps/s ratio framework/bare = time(bare)/time(framework)
@@ -38,6 +40,7 @@ def row_framework(root: Path, device: str, quick: bool) -> list[Comparison]:
             "mlflow": fit_timer(root, trainer, steps, batch),
         },
         rounds,
+        warmup=warmup,
     )
     c = compare("logging (MLflow logger vs none)", samples, base="no_logger")
     c.target, c.holds = "mlflow / no_logger step time <= 1.02", c.ratios["mlflow"][1] <= 1.02
