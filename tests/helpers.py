@@ -3,6 +3,7 @@ through MlflowClient, a real tracking server on loopback."""
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import socket
@@ -98,6 +99,21 @@ def child_runs(root: Path, experiment: str = "rescalelab") -> list:
 
 def history(root: Path, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client(root).get_metric_history(run_id, key)]
+
+
+def sweep_parent(root: Path, experiment: str = "rescalelab"):
+    """The one sweep parent run of ``experiment`` in ``root``'s store."""
+    (parent,) = [
+        r for r in all_runs(root, experiment) if r.data.tags.get("rescalelab.sweep") == "parent"
+    ]
+    return parent
+
+
+def report_rows(root: Path, run_id: str, name: str = "children.csv") -> list[dict[str, str]]:
+    """The rows of the sweep report's ``report/<name>`` artifact of run ``run_id``."""
+    local = client(root).download_artifacts(run_id, f"report/{name}", str(root))
+    with open(local) as f:
+        return list(csv.DictReader(f))
 
 
 def assert_ok(proc: subprocess.CompletedProcess[str]) -> None:

@@ -172,7 +172,7 @@ def bench(
 
 def data_rows(device: str, quick: bool) -> list[Comparison]:
     """:func:`bench`'s rows as the benchmark's comparisons (``--quick``: a few images)."""
-    sizes = {"cifar_images": 1000, "imagenet_images": 64, "batch": 8} if quick else {}
+    sizes = {"cifar_images": 500, "imagenet_images": 32, "batch": 8} if quick else {}
     out = []
     for r in bench(device, **sizes):
         c = Comparison(

@@ -12,8 +12,9 @@ from rescalelab.bench.timing import Comparison, compare, interleave, ratio_quart
 
 def row_framework(root: Path, device: str, quick: bool) -> list[Comparison]:
     """``framework`` (rescalelab / bare loop, with Lightning alone's floor) and ``logging``."""
-    steps, rounds, batch = (20, 2, 128) if quick else (390, 7, 128)
+    steps, rounds, batch = (6, 2, 128) if quick else (390, 7, 128)
     trainer = ["trainer=gpu"] if device.startswith("cuda") else []
+    warmup = 0 if quick else 1  # --quick: a smoke run, no warm-up fit
     samples = interleave(
         {
             "bare": bare_loop_timer(batch, steps, device),
@@ -21,6 +22,7 @@ def row_framework(root: Path, device: str, quick: bool) -> list[Comparison]:
             "rescalelab": fit_timer(root, trainer, steps, batch),
         },
         rounds,
+        warmup=warmup,
     )
     c = compare("framework (small_cnn, batch 128)", samples, base="rescalelab")
     # steps/s ratio framework/bare = time(bare)/time(framework)
@@ -38,6 +40,7 @@ def row_framework(root: Path, device: str, quick: bool) -> list[Comparison]:
             "mlflow": fit_timer(root, trainer, steps, batch),
         },
         rounds,
+        warmup=warmup,
     )
     c = compare("logging (MLflow logger vs none)", samples, base="no_logger")
     c.target, c.holds = "mlflow / no_logger step time <= 1.02", c.ratios["mlflow"][1] <= 1.02
@@ -51,12 +54,14 @@ def row_gpu_variants(device: str, quick: bool) -> Comparison:
     Part of the default rows on a GPU; on a CPU only when asked (``--rows gpu``): the CPU has
     no bf16 speed-up to show and compiling is slow there, but the path is the same code.
     """
-    steps, rounds = (10, 2) if quick else (200, 7)
+    # --quick: a CPU's bf16 autocast step at batch 512 takes about a second; the smoke run only
+    # needs each variant (and its compilation) to go through.
+    steps, rounds, batch = (2, 2, 128) if quick else (200, 7, 512)
     fns = {
-        "fp32": bare_loop_timer(512, steps, device),
-        "bf16": bare_loop_timer(512, steps, device, bf16=True),
-        "compile": bare_loop_timer(512, steps, device, compile=True),
-        "compile_bf16": bare_loop_timer(512, steps, device, bf16=True, compile=True),
+        "fp32": bare_loop_timer(batch, steps, device),
+        "bf16": bare_loop_timer(batch, steps, device, bf16=True),
+        "compile": bare_loop_timer(batch, steps, device, compile=True),
+        "compile_bf16": bare_loop_timer(batch, steps, device, bf16=True, compile=True),
     }
-    row = f"precision and compile variants (bare loop, small_cnn, batch 512, {device})"
+    row = f"precision and compile variants (bare loop, small_cnn, batch {batch}, {device})"
     return compare(row, interleave(fns, rounds, warmup=2), "fp32")
