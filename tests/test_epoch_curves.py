@@ -74,3 +74,19 @@ def test_the_documented_quick_look_gives_every_child_a_curve(root):
     for r in children:
         for key in ("train/loss_epoch", "train/acc_epoch", "train/loss"):
             assert [s for s, _ in history(root, r.info.run_id, key)] == [3, 7, 11], key
+
+
+def test_under_gradient_accumulation_each_optimizer_step_is_logged_once(root):
+    # 8 batches, 2 a step: 4 optimizer steps; every 2nd step (k = 1, 3) is a logging step, written
+    # once although two micro-batches ran it, with the stepsize and the epoch beside it.
+    proc = run_cli(
+        root, "trainer.max_epochs=1", "+trainer.accumulate_grad_batches=2",
+        "trainer.log_every_n_steps=2", "optim.lr=0.07",
+    )  # fmt: skip
+    assert_ok(proc)
+    (run,) = all_runs(root)
+    rid = run.info.run_id
+    for key in ("train/loss", "train/acc", "train/lr", "epoch"):
+        assert [s for s, _ in history(root, rid, key)] == [1, 3], key
+    assert [v for _, v in history(root, rid, "train/lr")] == pytest.approx([0.07, 0.07])
+    assert [s for s, _ in history(root, rid, "train/loss_epoch")] == [3]
