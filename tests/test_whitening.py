@@ -309,6 +309,85 @@ def test_statistics_start_from_the_first_batches_and_converge_to_the_true_moment
     assert ((conv.rescale_var / cs**2) - 1).abs().max() < 0.05
 
 
+class _WithUnused(nn.Module):
+    """A conv and two Linear layers in the forward, and a Linear the forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.Linear(5, 2)
+        )
+        self.unused = nn.Linear(7, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each used layer's input for ``x``, pooled per input channel/feature: [n, n_in]."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda m, a, name=name: seen.__setitem__(
+                name, a[0].transpose(0, 1).reshape(a[0].shape[1], -1).T if a[0].dim() == 4 else a[0]
+            )
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return {k: v.detach().clone() for k, v in seen.items()}
+
+
+def test_statistics_of_every_layer_follow_a_dtype_move_and_a_checkpoint_load():
+    """The layers' μ and Var are views of one flat tensor per quantity (one update for all
+    layers): after ``model.to(float64)`` and after a state dict is loaded into a fresh model,
+    each layer's buffers must still be the ones that are updated, a layer the forward never
+    calls must keep its initial state, and every layer must match its own inputs' moments."""
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(6, 3, 8, 8, generator=g) * 2 + 1 for _ in range(3)]
+    torch.manual_seed(0)
+    model = _WithUnused()
+    plug = Whitening(init_batches=8)
+    plug.prepare(model, layer_geometry(model, (3, 8, 8)))
+    seen = []
+    _feed(plug, model, xs[:1])
+    seen.append(_inputs(model, xs[0]))
+    model.to(torch.float64)  # replaces every buffer: the statistics must follow
+    _feed(plug, model, [xs[1].double()], start_step=1)
+    seen.append(_inputs(model, xs[1].double()))
+    for name, m in model.named_modules():
+        if name == "unused":
+            assert int(m.rescale_updates) == 0 and m.rescale_mean.dtype == torch.float64
+            torch.testing.assert_close(m.rescale_mean, torch.zeros(7, dtype=torch.float64))
+            torch.testing.assert_close(m.rescale_var, torch.ones(7, dtype=torch.float64))
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            # init_batches: the plain average of the first two batches' mean and variance
+            mean = (seen[0][name].double().mean(0) + seen[1][name].mean(0)) / 2
+            var = (seen[0][name].double().var(0) + seen[1][name].var(0)) / 2
+            assert m.rescale_mean.dtype == torch.float64 and int(m.rescale_updates) == 2
+            torch.testing.assert_close(m.rescale_mean, mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(m.rescale_var, var, rtol=1e-5, atol=1e-6)
+
+    # A fresh model whose buffers are loaded from the state dict continues identically.
+    torch.manual_seed(0)
+    fresh = _WithUnused()
+    fresh_plug = Whitening(init_batches=8)
+    fresh_plug.prepare(fresh, layer_geometry(fresh, (3, 8, 8)))
+    fresh.to(torch.float64)
+    fresh_plug.on_load_checkpoint(None, {})  # what Classifier.on_load_checkpoint calls first
+    fresh.load_state_dict(model.state_dict())
+    _feed(plug, model, [xs[2].double()], start_step=2)
+    _feed(fresh_plug, fresh, [xs[2].double()], start_step=2)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        if name.endswith(("rescale_mean", "rescale_var", "rescale_updates")):
+            assert torch.equal(a, b), name
+    assert int(fresh.net[0].rescale_updates) == 3
+
+
 def test_statistics_schedule_interval_and_no_collection_outside_training():
     model = nn.Sequential(nn.Linear(3, 2))
     plug = Whitening(interval=3, init_batches=2)
