@@ -19,7 +19,7 @@ from rescalelab.errors import ConfigError
 from rescalelab.geometry import LayerGeometry, layer_geometry
 from rescalelab.models import SmallCNN
 from rescalelab.norm import Whitening
-from rescalelab.norm.whitening import WhitenedLayers
+from rescalelab.norm.whitening import WhitenedLayers, fused_sums, shifted_sums, transform_dense
 
 # small_cnn on 3x32x32, by hand: (share, fanin) of C6(5x5), C16(5x5), F84, F16, F10
 SMALL_CNN = {
@@ -269,6 +269,58 @@ def _feed(plug: Whitening, model: nn.Module, batches, start_step: int = 0) -> No
         model(x).sum().backward()
         plug.before_optimizer_step(model)
         model.zero_grad()
+
+
+@pytest.mark.parametrize("sums", [fused_sums, shifted_sums], ids=["cuda_fused", "cpu_shifted"])
+@pytest.mark.parametrize(
+    "shape, conv, channels_last",
+    [((6, 3, 5, 4), True, False), ((6, 3, 5, 4), True, True), ((9, 7), False, False),
+     ((2, 4, 7), False, False)],
+    ids=["conv", "conv_channels_last", "linear", "linear_3d"],
+)  # fmt: skip
+def test_both_statistics_paths_give_the_shifted_sums_of_their_input(
+    sums, shape, conv, channels_last
+):
+    """The CUDA path (one ``var_mean``) and the CPU path (one temporary ``x − c``) are the same
+    sums; both run here on a CPU, so the GPU's formulas are checked where no GPU is lent: per
+    input, ``Σ(x − c)``, ``Σ(x − c)²`` and the number of nonzero entries, against float64."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.relu(torch.randn(shape, generator=g) * 2 + 0.5)  # zeros for the count, an offset
+    if channels_last:  # a conv input that is not contiguous: reduced over (0, 2, 3) at once
+        x = x.to(memory_format=torch.channels_last)
+    n_in = x.shape[1] if conv else x.shape[-1]
+    c = torch.linspace(0.3, 1.1, n_in)  # the shift: the current μ, per input
+    dims = (0, 2, 3) if conv else tuple(range(x.dim() - 1))
+    d = x.double() - (c.double().view(1, -1, 1, 1) if conv else c.double())
+    expected = torch.stack((d.sum(dims), d.square().sum(dims), (x != 0).sum(dims).double()))
+    got = sums(x, c, conv, True)
+    assert got.shape == (3, n_in) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sums(x, c, conv, False), got[:2])
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+def test_transform_with_beta2_as_a_tensor_equals_it_as_a_number_and_the_formula(conv):
+    """``transform_dense`` keeps β² a tensor on a GPU (no host sync) and a number on a CPU: both
+    give ``δw_ij = β² α_i² (∂E/∂w_ij − μ_i ∂E/∂b_j)``, ``δb_j = β² ∂E/∂b_j − Σ_i μ_i δw_ij``."""
+    g = torch.Generator().manual_seed(4)
+    shape = (5, 3, 2, 2) if conv else (5, 3)
+    taps = 4 if conv else 1
+    gw, gb = torch.randn(shape, generator=g), torch.randn(5, generator=g)
+    scale = torch.rand(3, generator=g) + 0.5  # β² α_i², per input
+    mu = torch.randn(3, generator=g).repeat_interleave(taps)  # μ per column (c, u, v)
+    beta2 = 0.3
+    w_cols = gw.reshape(5, -1)
+    dw = (w_cols - torch.outer(gb, mu)) * scale.repeat_interleave(taps)
+    db = beta2 * gb - dw @ mu
+    for b2 in (beta2, torch.tensor(beta2)):
+        w2, b2_grad = gw.clone(), gb.clone()
+        transform_dense(w2, b2_grad, scale, mu, b2)
+        torch.testing.assert_close(w2.reshape(5, -1), dw)
+        torch.testing.assert_close(b2_grad, db)
+    w2 = gw.clone()  # no centering (a layer without a trainable bias): the scale only
+    transform_dense(w2, None, scale, None, beta2)
+    torch.testing.assert_close(w2.reshape(5, -1), w_cols * scale.repeat_interleave(taps))
 
 
 def test_statistics_start_from_the_first_batches_and_converge_to_the_true_moments():

@@ -122,6 +122,68 @@ WHITENING = {
 }
 
 
+def _dims(x: Tensor, conv: bool) -> tuple[int, ...]:
+    """The dimensions a layer input is pooled over: batch and positions (conv), all but the last."""
+    return (0, 2, 3) if conv else tuple(range(x.dim() - 1))
+
+
+def fused_sums(x: Tensor, c: Tensor, conv: bool, active: bool) -> Tensor:
+    """``[Σ(x − c), Σ(x − c)² (, number of nonzero entries)]`` per input from one fused
+    reduction (the CUDA path): ``torch.var_mean`` gives the batch mean ``m`` and biased variance
+    ``v``, and ``Σ(x − c) = n (m − c)``, ``Σ(x − c)² = n (v + (m − c)²)``; no input-sized
+    temporary, no host sync. ``x``: a batched conv input ``[N, C, H, W]`` (``conv``) or a Linear
+    input ``[..., n_in]``; ``c``: the shift (the current ``μ``), per input."""
+    dims = _dims(x, conv)
+    n = x.numel() // c.numel()  # samples (× positions) per input
+    var, mean = torch.var_mean(x, dims, correction=0)
+    d = mean.sub_(c)
+    moments = [d, torch.addcmul(var, d, d)]  # E[x − c], E[(x − c)²]
+    if active:
+        moments.append(torch.count_nonzero(x, dim=dims).to(d.dtype).div_(n))
+    return torch.stack(moments).mul_(n)
+
+
+def shifted_sums(x: Tensor, c: Tensor, conv: bool, active: bool) -> Tensor:
+    """The same sums as :func:`fused_sums` from one temporary ``d = x − c`` (the CPU path: there
+    torch's ``var_mean`` over the batch and position dimensions is several times slower than
+    the subtraction and two sums). A conv input's ``d`` viewed ``[N, C, H·W]`` is summed over
+    its contiguous last dimension first (``Σ d`` and ``‖d‖²`` per row), then over the batch:
+    1.3–3.6× faster than reducing ``(0, 2, 3)`` at once on small_cnn's and AlexNet's inputs."""
+    dims = _dims(x, conv)
+    d = x - (c.view(1, -1, 1, 1) if conv else c)
+    parts = [torch.count_nonzero(x, dim=dims).to(d.dtype)] if active else []
+    if conv and d.is_contiguous():
+        rows = d.view(d.shape[0], d.shape[1], -1)  # [N, C, H·W]
+        s1 = rows.sum(2).sum(0)
+        s2 = torch.linalg.vector_norm(rows, dim=2).square_().sum(0)
+    else:
+        s1, s2 = d.sum(dims), d.square_().sum(dims)
+    return torch.stack((s1, s2, *parts))
+
+
+def transform_dense(
+    gw: Tensor, gb: Tensor | None, scale: Tensor, mu: Tensor | None, beta2: Tensor | float
+) -> None:
+    """``∂E/∂w``, ``∂E/∂b`` → ``δw``, ``δb`` in place for one contiguous, ungrouped layer.
+
+    ``gw``: ``[n_out, n_in]`` or ``[n_out, n_in, u, v]``; ``scale``: ``β²α_i²`` per input;
+    ``mu``: ``μ`` per weight column (``n_in × taps``), with ``gb`` ``None`` when the layer does
+    not centre. Three passes over the weights: the rank-1 update ``∂E/∂w − μ ∂E/∂bᵀ`` (``addr_``,
+    never materialised), ``× β²α²``, and the matrix-vector read of ``δb = β² ∂E/∂b − Σ_i μ_i
+    δw_ij`` (``addmv_``). ``beta2`` is a number on a CPU and a tensor on a GPU (no host sync).
+    """
+    g2 = gw.view(gw.shape[0], -1)
+    if gb is not None:
+        g2.addr_(gb, mu, alpha=-1.0)  # ∂E/∂w_ij − μ_i ∂E/∂b_j
+    gw.mul_(scale.view(1, -1, 1, 1) if gw.dim() == 4 else scale)  # × β_j² α_i²  → δw
+    if gb is None:
+        return
+    if isinstance(beta2, Tensor):
+        gb.mul_(beta2).addmv_(g2, mu, alpha=-1.0)  # β_j² ∂E/∂b_j − Σ_i μ_i δw_ij
+    else:
+        gb.addmv_(g2, mu, beta=beta2, alpha=-1.0)
+
+
 @dataclass(eq=False)
 class _Layer:
     """Per-layer bookkeeping that is not state of the model."""
@@ -334,18 +396,9 @@ class WhitenedLayers:
     # -- statistics ---------------------------------------------------------------------------
     @torch.no_grad()
     def accumulate(self, layer: _Layer, x: Tensor) -> None:
-        """Add ``n``, ``Σ(x − μ)``, ``Σ(x − μ)²`` of one input batch to the layer's accumulator.
-
-        On CUDA, one fused reduction over the input: ``torch.var_mean`` gives the batch mean
-        ``m`` and biased variance ``v``, and ``Σ(x − c) = n (m − c)``, ``Σ(x − c)² = n (v +
-        (m − c)²)`` (no input-sized temporary, no host sync). On a CPU, shifted sums over one
-        temporary ``d = x − c``: there torch's ``var_mean`` over the batch (and position)
-        dimensions is several times slower than the subtraction and two sums, and a conv
-        input's sums are fastest as rows: ``d`` viewed ``[N, C, H·W]`` is summed over its
-        contiguous last dimension first (``Σ d`` and ``‖d‖²`` per row), then over the batch
-        (measured on small_cnn's and AlexNet's inputs: 1.3–3.6× faster than reducing
-        ``(0, 2, 3)`` at once; README, Performance).
-        """
+        """Add ``n``, ``Σ(x − μ)``, ``Σ(x − μ)²`` of one input batch to the layer's accumulator:
+        on CUDA from one fused reduction (:func:`fused_sums`), on a CPU from one shifted
+        temporary (:func:`shifted_sums`); no host sync."""
         flat = self._flat
         if flat is None:
             flat = self._bind()
@@ -354,33 +407,10 @@ class WhitenedLayers:
         if x.dtype != c.dtype:
             x = x.to(c.dtype)
         conv = isinstance(layer.module, nn.Conv2d)
-        if conv:
-            if x.dim() == 3:  # unbatched input
-                x = x.unsqueeze(0)
-            dims: tuple[int, ...] = (0, 2, 3)
-            n = x.shape[0] * x.shape[2] * x.shape[3]
-        else:
-            dims = tuple(range(x.dim() - 1))
-            n = x.numel() // x.shape[-1]
-        if x.is_cuda:
-            var, mean = torch.var_mean(x, dims, correction=0)
-            d = mean.sub_(c)
-            moments = [d, torch.addcmul(var, d, d)]  # E[x − c], E[(x − c)²]
-            if self.min_active is not None:  # min_active also counts the active entries
-                moments.append(torch.count_nonzero(x, dim=dims).to(d.dtype).div_(n))
-            sums = torch.stack(moments).mul_(n)
-        else:
-            d = x - (c.view(1, -1, 1, 1) if conv else c)
-            parts = []
-            if self.min_active is not None:
-                parts.append(torch.count_nonzero(x, dim=dims).to(d.dtype))
-            if conv and d.is_contiguous():
-                rows = d.view(d.shape[0], d.shape[1], -1)  # [N, C, H·W]
-                s1 = rows.sum(2).sum(0)
-                s2 = torch.linalg.vector_norm(rows, dim=2).square_().sum(0)
-            else:
-                s1, s2 = d.sum(dims), d.square_().sum(dims)
-            sums = torch.stack((s1, s2, *parts))
+        if conv and x.dim() == 3:  # unbatched input
+            x = x.unsqueeze(0)
+        sums = (fused_sums if x.is_cuda else shifted_sums)(x, c, conv, self.min_active is not None)
+        n = x.numel() // layer.n_in  # samples (× positions) per input
         if flat.acc is None:  # the first input since the last update: zero every layer's sums
             flat.acc = sums.new_zeros(self._rows, flat.mean.numel())
         flat.acc[:, layer.start : layer.start + layer.n_in].add_(sums)
@@ -492,11 +522,11 @@ class WhitenedLayers:
     def transform_gradients(self) -> None:
         """Replace ``∂E/∂w``, ``∂E/∂b`` by ``δw``, ``δb`` of the reparametrization, in place.
 
-        Per layer, three passes over the weights (the fewest without a fused kernel):
-        ``∂E/∂w − μ ∂E/∂bᵀ`` as one rank-1 update (``addr_``, the centering term is never
-        materialised), the scale ``× β²α²`` and the bias's ``β² ∂E/∂b − Σ_i μ_i δw_ij`` (one
-        matrix-vector read, ``addmv_``). ``β²α²`` and the columns' ``μ`` come from the flat
-        plan, sliced per layer (views, no copy).
+        Per layer, three passes over the weights (the fewest without a fused kernel;
+        :func:`transform_dense`, or :meth:`_transform_one` for a grouped conv, another layout or
+        dtype): ``∂E/∂w − μ ∂E/∂bᵀ`` as one rank-1 update, the scale ``× β²α²`` and the bias's
+        ``β² ∂E/∂b − Σ_i μ_i δw_ij`` (one matrix-vector read). ``β²α²`` and the columns' ``μ``
+        come from the flat plan, sliced per layer (views, no copy).
         """
         flat = self._bind()
         scale, mu_cols, numbers = self._plan(flat)
@@ -511,14 +541,7 @@ class WhitenedLayers:
             gb = b.grad if mu is not None and b is not None else None
             beta2: Tensor | float = flat.beta2[k] if numbers is None else numbers[k]
             if gw.is_contiguous() and gw.dtype == s.dtype and getattr(m, "groups", 1) == 1:
-                g2 = gw.view(gw.shape[0], -1)
-                if gb is not None:
-                    g2.addr_(gb, mu, alpha=-1.0)  # ∂E/∂w_ij − μ_i ∂E/∂b_j
-                gw.mul_(s.view(1, -1, 1, 1) if gw.dim() == 4 else s)  # × β_j² α_i²  → δw
-                if gb is not None and numbers is not None:
-                    gb.addmv_(g2, mu, beta=beta2, alpha=-1.0)  # β_j² ∂E/∂b_j − Σ_i μ_i δw_ij
-                elif gb is not None:  # on a GPU β² stays a tensor: no host sync
-                    gb.mul_(beta2).addmv_(g2, mu, alpha=-1.0)
+                transform_dense(gw, gb, s, mu, beta2)
             else:
                 self._transform_one(la, s, mu, beta2)
 
