@@ -440,6 +440,43 @@ def test_statistics_of_every_layer_follow_a_dtype_move_and_a_checkpoint_load():
     assert int(fresh.net[0].rescale_updates) == 3
 
 
+def test_a_channels_last_model_gets_the_same_statistics_and_transformed_gradients():
+    """``trainer.channels_last=true`` (the GPU option) stores conv weights and activations NHWC:
+    the statistics then reduce a non-contiguous input and the transform takes its general path
+    (``_transform_one``, a strided weight gradient). Both must give what the contiguous model
+    gives, step after step."""
+    g = torch.Generator().manual_seed(12)
+    xs = [torch.randn(6, 3, 8, 8, generator=g) * 2 + 1 for _ in range(3)]
+    models, plugs = [], []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = _WithUnused()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        plug = Whitening(init_batches=2)
+        plug.prepare(model, layer_geometry(model, (3, 8, 8)))
+        models.append(model)
+        plugs.append(plug)
+    assert not models[1].net[0].weight.is_contiguous()
+    for k, x in enumerate(xs):
+        grads = []
+        for model, plug, fmt in zip(models, plugs, (torch.contiguous_format, torch.channels_last)):
+            model.train()
+            plug.on_train_batch_start(model, x, k)
+            model(x.contiguous(memory_format=fmt)).square().sum().backward()
+            plug.before_optimizer_step(model)
+            grads.append(
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            )
+            model.zero_grad()
+        assert grads[0].keys() == grads[1].keys() and grads[0]
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5)
+        for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+            if name.endswith(("rescale_mean", "rescale_var", "rescale_updates")):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_statistics_schedule_interval_and_no_collection_outside_training():
     model = nn.Sequential(nn.Linear(3, 2))
     plug = Whitening(interval=3, init_batches=2)
